@@ -1,0 +1,42 @@
+"""One typed schema for every stage: YAML files, then ``--set a.b=c`` overrides.
+
+Precedence: ``--set`` > later YAML files > earlier YAML files > defaults. Unknown keys and bad
+values are errors naming the dotted key, the value and what is allowed. Each stage package
+owns one section module here; the root composes them.
+
+Example::
+
+    cfg = load_config(["configs/quickstart.yaml"], ["data.seq_len=512"])
+    write_resolved_config(cfg, "runs/data")
+"""
+
+from pydantic import Field
+
+from kdscale.config.base import Section
+from kdscale.config.data import DataConfig
+from kdscale.config.loader import load_config, parse_override, write_resolved_config
+from kdscale.config.loss import KDLossConfig
+from kdscale.config.model import ModelConfig
+from kdscale.config.parallel import ParallelConfig
+
+
+class KDScaleConfig(Section):
+    """The root config: one section per stage."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Token data stage.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Student architecture.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Layout.")
+    loss: KDLossConfig = Field(default_factory=KDLossConfig, description="KD + LM objective.")
+
+
+__all__ = [
+    "DataConfig",
+    "KDLossConfig",
+    "KDScaleConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "Section",
+    "load_config",
+    "parse_override",
+    "write_resolved_config",
+]

@@ -1,0 +1,91 @@
+"""The tokens manifest: what a directory of token shards holds and how to trust it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "kdscale.tokens/1"
+
+
+class ShardRecord(BaseModel):
+    """One committed token shard."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class SplitRecord(BaseModel):
+    """A split (``train`` or ``eval``): its shards in order."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = 0
+    tokens: int = 0
+    shards: list[ShardRecord] = []
+
+
+class TokensManifest(BaseModel):
+    """``manifest.json`` of a token-shard directory (see DESIGN.md "Token shards")."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT
+    tokenizer: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    eos_id: int | None
+    separator: str
+    seq_len: int
+    dtype: str
+    splits: dict[str, SplitRecord]
+    stats: dict[str, int]
+    inputs: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        """Content fingerprint of the token set: tokenizer, layout and every shard's sha256."""
+        payload = {
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "seq_len": self.seq_len,
+            "dtype": self.dtype,
+            "shards": {split: [s.sha256 for s in rec.shards] for split, rec in sorted(self.splits.items())},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def shard_paths(self, root: str | Path, split: str) -> list[Path]:
+        """Paths of a split's shards under ``root``."""
+        if split not in self.splits:
+            raise KDScaleError(f"{root}: no {split!r} split (have: {', '.join(self.splits)})")
+        return [Path(root) / s.name for s in self.splits[split].shards]
+
+    def write(self, root: str | Path) -> None:
+        """Write ``manifest.json`` atomically (with the fingerprint, for humans and tools)."""
+        body = self.model_dump(mode="json") | {"fingerprint": self.fingerprint}
+        atomic_write_text(Path(root) / MANIFEST_NAME, json.dumps(body, indent=2) + "\n")
+
+
+def load_tokens_manifest(root: str | Path) -> TokensManifest:
+    """Read and validate a token directory's manifest; a clear error if missing or damaged."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise KDScaleError(f"{root}: no {MANIFEST_NAME}; is this the output of `kdscale data`?")
+    try:
+        body = json.loads(path.read_text())
+        stored = body.pop("fingerprint", None)
+        manifest = TokensManifest.model_validate(body)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise KDScaleError(f"{path}: damaged tokens manifest ({str(exc).splitlines()[0]})") from None
+    if manifest.format != FORMAT:
+        raise KDScaleError(f"{path}: format {manifest.format!r}, this kdscale reads {FORMAT!r}")
+    if stored is not None and stored != manifest.fingerprint:
+        raise KDScaleError(f"{path}: fingerprint does not match its contents (edited by hand?)")
+    return manifest

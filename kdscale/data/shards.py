@@ -1,0 +1,104 @@
+"""Token shards: webdataset tars of packed samples keyed by a hash of their bytes.
+
+Each sample is one member ``<key>.tokens.npy``: a little-endian integer array of ``seq_len + 1``
+ids. The key is the blake2b-128 hex digest of the array's bytes, so the same tokens always get
+the same key, whatever run, shard or order produced them. Tar headers carry fixed times and
+owners, so the same inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from kdscale.data.manifest import ShardRecord
+from kdscale.errors import KDScaleError
+from kdscale.io import sha256_file
+
+TOKENS_MEMBER = "tokens.npy"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest little-endian unsigned dtype that holds every id."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def sample_key(tokens: np.ndarray) -> str:
+    """Content key of a sample: blake2b-128 of its little-endian bytes."""
+    return hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class TokenShardWriter:
+    """Writes ``<prefix>-NNNNNN.tar`` shards of at most ``shard_samples`` samples each."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_samples: int, dtype: np.dtype):
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.shard_samples = shard_samples
+        self.dtype = dtype
+        self.records: list[ShardRecord] = []
+        self.samples = 0
+        self._writer: wds.TarWriter | None = None
+        self._count = 0
+
+    def _path(self, index: int) -> Path:
+        return self.out_dir / f"{self.prefix}-{index:06d}.tar"
+
+    def write(self, key: str, tokens: np.ndarray) -> None:
+        """Append one sample (already converted to the shard dtype)."""
+        if self._writer is None:
+            self._writer = wds.TarWriter(str(self._path(len(self.records))), mtime=0.0)
+            self._count = 0
+        self._writer.write({"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens)})
+        self._count += 1
+        self.samples += 1
+        if self._count == self.shard_samples:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        path = self._path(len(self.records))
+        self.records.append(
+            ShardRecord(name=path.name, samples=self._count, bytes=path.stat().st_size, sha256=sha256_file(path))
+        )
+        self._writer = None
+
+    def close(self) -> list[ShardRecord]:
+        """Finish the open shard, if any; return the records of every shard written."""
+        if self._writer is not None:
+            self._close_shard()
+        return self.records
+
+
+def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, tokens)`` of one token shard in stored order.
+
+    A missing or structurally damaged shard raises :class:`KDScaleError` naming the file; with
+    ``sha256`` (from the manifest) any changed byte is caught before a sample is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KDScaleError(f"token shard {str(path)!r} is missing")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise KDScaleError(f"token shard {str(path)!r} is corrupt: sha256 differs from the manifest")
+    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode()
+    try:
+        for sample in dataset:
+            if TOKENS_MEMBER not in sample:
+                raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {TOKENS_MEMBER}")
+            yield sample["__key__"], sample[TOKENS_MEMBER]
+    except (ValueError, OSError, EOFError, tarfile.TarError) as exc:
+        raise KDScaleError(f"{path}: damaged token shard ({type(exc).__name__}: {exc})") from None

