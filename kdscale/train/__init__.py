@@ -1,0 +1,1 @@
+"""Training stage: parallel init, the training loop, checkpoint/resume, metrics."""

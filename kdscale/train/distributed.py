@@ -1,0 +1,58 @@
+"""Process-group and model-parallel setup, once per process at stage entry.
+
+    validate_layout(cfg.model, cfg.parallel, world_size)   # cheap checks first
+    initialize_parallel(cfg.parallel, seed=cfg.train.seed)
+    ...                                                    # build, train
+    destroy_parallel()
+
+Launch with torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+LOCAL_RANK): the backend is nccl on a GPU and gloo on CPU. All groups come from megatron's
+``parallel_state``; nothing here builds groups or computes ranks itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+import kdscale.models  # noqa: F401  (makes megatron usable on CPU before it is used)
+from kdscale.config import ParallelConfig
+
+# Whether initialize_parallel created the default process group (and so destroy_parallel ends it).
+_OWNS_PROCESS_GROUP = False
+
+
+def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Join the default process group (from the environment, unless already joined), build
+    megatron's tensor × pipeline × data groups, and seed every RNG megatron uses.
+
+    Seeds follow megatron-LM: ``seed + 100 × pipeline rank`` for the CPU generator and the
+    model-parallel RNG tracker, so pipeline stages do not build identical layers, while tensor
+    ranks (and data-parallel replicas) share a seed and so the same initial weights.
+    """
+    global _OWNS_PROCESS_GROUP
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _OWNS_PROCESS_GROUP = True
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+    )
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy_parallel() -> None:
+    """Undo :func:`initialize_parallel`: megatron's groups, and the default group if it made it."""
+    global _OWNS_PROCESS_GROUP
+    parallel_state.destroy_model_parallel()
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
