@@ -1,0 +1,127 @@
+"""``loss`` section: the sparse KD + LM objective (``kdscale.losses.kd_lm_loss``).
+
+The per-token total is ``α·T²·D(teacher, student) + (1 − α)·CE(label)``; α follows ``schedule``.
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kdscale.config.base import Section
+
+# Measured in /work/shared/notes/kd-measurements.md (SmolLM2-135M teacher, 8-layer pruned student).
+RENORM_COLLAPSE_NOTE = (
+    "renorm is blind to the student's mass outside the teacher's support, so with no LM term "
+    "the student collapses (measured: held-out CE 9.05 nats vs 5.34 with the tail bucket)"
+)
+
+
+class KDWeightSchedule(Section):
+    """How α (``loss.kd_weight``) moves over training, as a fraction of the run's steps.
+
+    ``constant``: α = kd_weight throughout. ``linear``: from ``start`` at step 0 to kd_weight at
+    the last step. ``wsd`` (warmup-stable-decay): from ``start`` to kd_weight over the first
+    ``warmup_fraction`` of steps, kd_weight until the last ``decay_fraction``, then down to ``end``.
+    """
+
+    kind: Literal["constant", "linear", "wsd"] = Field(
+        "constant", description="constant | linear | wsd (warmup-stable-decay)."
+    )
+    start: float = Field(0.0, ge=0.0, le=1.0, description="α at step 0 (linear, wsd).")
+    end: float = Field(0.0, ge=0.0, le=1.0, description="α at the last step (wsd).")
+    warmup_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fraction of steps spent going start → kd_weight (wsd)."
+    )
+    decay_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of steps spent going kd_weight → end (wsd)."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> "KDWeightSchedule":
+        if self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ValueError(
+                f"warmup_fraction={self.warmup_fraction} + decay_fraction={self.decay_fraction} "
+                "must be <= 1"
+            )
+        return self
+
+
+class KDLossConfig(Section):
+    """The KD objective on sparse cached teacher targets. See DESIGN.md "Loss"."""
+
+    divergence: Literal["fkl", "rkl", "jsd", "tvd"] = Field(
+        "fkl",
+        description="fkl = KL(teacher‖student), rkl = KL(student‖teacher), jsd = generalised "
+        "Jensen-Shannon with jsd_beta, tvd = total variation; all on the teacher's support buckets.",
+    )
+    jsd_beta: float = Field(
+        0.5, gt=0.0, lt=1.0, description="β of JSD: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q."
+    )
+    missing_mass: Literal["tail", "renorm", "zero"] = Field(
+        "tail",
+        description="tail: the teacher's mass outside its support is one extra bucket matched "
+        "against the student's mass outside it; renorm: both renormalised over the support; "
+        "zero: student over the full vocab, the tail is ignored.",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="Student logits are divided by T and the KD term scaled by T²; must equal "
+        "the cache's temperature unless allow_temperature_mismatch.",
+    )
+    allow_temperature_mismatch: bool = Field(
+        False, description="Accept a cache written at another temperature than loss.temperature."
+    )
+    kd_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="α in α·KD + (1−α)·LM (the constant value; the target of linear/wsd).",
+    )
+    schedule: KDWeightSchedule = Field(
+        default_factory=KDWeightSchedule, description="How α changes over training."
+    )
+    allow_renorm_without_lm: bool = Field(
+        False, description="Permit missing_mass='renorm' with α reaching 1 (no LM term)."
+    )
+    validate_inputs: bool = Field(
+        True,
+        description="Check each call (ids and labels in range, ids distinct, finite loss, some "
+        "unmasked token); costs one device→host sync per call.",
+    )
+    overwrite_logits: bool = Field(
+        True,
+        description="Reuse the logits' storage, as megatron's vocab_parallel_cross_entropy does "
+        "(contiguous non-leaf, non-view logits only): at T=1 float32 logits are overwritten by "
+        "exp(z - max) in forward, else they receive their gradient in backward. Do not read the "
+        "logits after the loss when on.",
+    )
+    chunk_elements: int = Field(
+        1 << 21,
+        ge=1,
+        description="Token rows × local vocab processed at once: bounds the temporaries of the "
+        "vocab passes.",
+    )
+
+    def max_kd_weight(self) -> float:
+        """The largest α the schedule reaches (its knots: start, kd_weight, end)."""
+        knots = {
+            "constant": [self.kd_weight],
+            "linear": [self.schedule.start, self.kd_weight],
+            "wsd": [self.schedule.start, self.kd_weight, self.schedule.end],
+        }[self.schedule.kind]
+        return max(knots)
+
+    @model_validator(mode="after")
+    def _renorm_needs_lm(self) -> "KDLossConfig":
+        if (
+            self.missing_mass == "renorm"
+            and self.max_kd_weight() >= 1.0
+            and not self.allow_renorm_without_lm
+        ):
+            raise ValueError(
+                f"missing_mass='renorm' with kd_weight reaching {self.max_kd_weight()} (no LM "
+                f"term): {RENORM_COLLAPSE_NOTE}; use missing_mass='tail', keep kd_weight < 1, or "
+                "set allow_renorm_without_lm=true"
+            )
+        return self
