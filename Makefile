@@ -22,8 +22,9 @@ $(STAMP): setup.py
 	@touch $@
 
 demo: install
-	$(BIN)/kdscale data --input stdlib:python --tokenizer smollm2-135m --seq-len 512 \
-		--eval-fraction 0.02 --out runs/demo/tokens --overwrite
+	$(BIN)/kdscale data --config configs/quickstart.yaml
+	$(BIN)/kdscale cache --config configs/quickstart.yaml
+	$(BIN)/kdscale inspect-cache runs/quickstart/cache
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -59,6 +59,63 @@ STAGES: dict[str, Stage] = {
                       {"action": "store_true", "default": None}),
         ),
     ),
+    "cache": Stage(
+        "Run the teacher over token shards on a Ray actor pool; write sparse-target cache shards.",
+        "kdscale.cache.runner:run",
+        (
+            Shorthand("--tokens", "cache.tokens", "token-shard directory"),
+            Shorthand("--out", "cache.out", "cache directory (resumed if it exists)"),
+            Shorthand("--teacher", "cache.teacher.model", "teacher HF dir or fixture name"),
+            Shorthand("--kind", "cache.codec.kind", "topk | topp | sampled"),
+            Shorthand("--ray-address", "cache.ray.address", "attach to a running Ray cluster"),
+            Shorthand("--actors", "cache.ray.actors", "teacher actors", {"type": int}),
+            Shorthand("--restart", "cache.restart", "discard a cache made differently",
+                      {"action": "store_true", "default": None}),
+        ),
+    ),
+    "train": Stage(
+        "Train the megatron-core student (TP×PP×DP) on token shards, with cached-target KD.",
+        "kdscale.train.stage:run",
+        (
+            Shorthand("--tokens", "train.tokens", "token-shard directory"),
+            Shorthand("--cache", "train.cache", "teacher-target cache (omit: LM loss only)"),
+            Shorthand("--out", "train.out", "run directory (resumed if it has checkpoints)"),
+            Shorthand("--steps", "train.steps", "optimizer steps of the run", {"type": int}),
+        ),
+    ),
+    "prune": Stage(
+        "Score heads, groups, neurons, channels and layers on calibration tokens; write a pruned model.",
+        "kdscale.prune.stage:run",
+        (
+            Shorthand("--model", "prune.model", "source model directory (kdscale import-hf)"),
+            Shorthand("--tokens", "prune.tokens", "calibration token-shard directory"),
+            Shorthand("--out", "prune.out", "pruned model directory"),
+            Shorthand("--samples", "prune.calibration_samples", "calibration samples",
+                      {"type": int}),
+            Shorthand("--layers", "prune.target.num_layers", "target layers", {"type": int}),
+            Shorthand("--hidden", "prune.target.hidden_size", "target hidden size", {"type": int}),
+            Shorthand("--ffn", "prune.target.ffn_hidden_size", "target MLP width", {"type": int}),
+            Shorthand("--heads", "prune.target.num_attention_heads", "target query heads",
+                      {"type": int}),
+            Shorthand("--groups", "prune.target.num_query_groups", "target KV groups",
+                      {"type": int}),
+            Shorthand("--overwrite", "prune.overwrite", "replace an existing output",
+                      {"action": "store_true", "default": None}),
+        ),
+    ),
+}
+
+# Commands that inspect or convert an artifact rather than run a configured stage:
+# name -> (help, "module:function" taking argv).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect-cache": ("Summarize a cache (codec, bytes/token, fidelity); --verify checks every sha256.",
+                      "kdscale.cache.inspect:main"),
+    "eval": ("Evaluate a checkpoint: LM loss, perplexity and (with --cache) KL to the teacher.",
+             "kdscale.train.evaluate:main"),
+    "import-hf": ("Convert an HF Llama directory into a kdscale model directory (dist checkpoint).",
+                  "kdscale.models.hf_io:import_main"),
+    "export-hf": ("Write a kdscale model directory as an HF Llama directory (safetensors + tokenizer).",
+                  "kdscale.models.hf_io:export_main"),
 }
 
 
@@ -79,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         for short in stage.shorthands:
             p.add_argument(short.flag, dest=short.key, help=f"{short.help} [{short.key}]",
                            **short.kwargs)
+    for name, (help_text, _) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -97,6 +156,9 @@ def _shorthand_base(args: argparse.Namespace, stage: Stage) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Parse, load the config, run the stage; user errors exit 2 with one line."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return _run_command(argv[0], argv[1:])
     args = parser.parse_args(argv)
     stage = STAGES[args.stage]
     try:
@@ -109,13 +171,28 @@ def main(argv: list[str] | None = None) -> int:
         run = getattr(importlib.import_module(module_name), func_name)
         result = run(cfg)
     except KDScaleError as exc:
-        one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"kdscale {args.stage}: error: {one_line}", file=sys.stderr)
-        return exc.exit_code
+        return _report(args.stage, exc)
     except KeyboardInterrupt:
         print(f"kdscale {args.stage}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _report(name: str, exc: KDScaleError) -> int:
+    one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"kdscale {name}: error: {one_line}", file=sys.stderr)
+    return exc.exit_code
+
+
+def _run_command(name: str, argv: list[str]) -> int:
+    from kdscale.logging import setup_logging
+
+    setup_logging()
+    module_name, func_name = COMMANDS[name][1].split(":")
+    try:
+        return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+    except KDScaleError as exc:
+        return _report(name, exc)
 
 
 if __name__ == "__main__":

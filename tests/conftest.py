@@ -55,3 +55,27 @@ def smollm2_dir() -> Path:
     from kdscale.teacher.fixture import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A random 2-layer Llama teacher with the fixture's tokenizer (fast to run)."""
+    from helpers_cache import make_tiny_teacher
+
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards (seq_len 32, 64 samples/shard) of the stdlib json package."""
+    from helpers_cache import make_tokens
+
+    return make_tokens(tmp_path_factory.mktemp("data") / "tokens")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Path, tiny_teacher_dir: Path) -> Path:
+    """A top-64 cache of ``tiny_tokens_dir`` by ``tiny_teacher_dir``, made by `kdscale cache`."""
+    from helpers_cache import make_cache
+
+    return make_cache(tiny_tokens_dir, tmp_path_factory.mktemp("cache") / "cache", tiny_teacher_dir)

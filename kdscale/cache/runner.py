@@ -1,0 +1,272 @@
+"""``kdscale cache``: a Ray actor pool runs the teacher over token shards and commits cache shards.
+
+    kdscale cache --tokens runs/tokens --out runs/cache --set cache.codec.kind=sampled
+
+Each actor loads the teacher once and takes one token shard at a time; the driver hands out
+shards, records each committed shard in the manifest and shows progress. Actors that die are
+restarted by Ray and their shard is retried (``cache.ray.max_restarts``); a shard becomes
+visible only by an atomic rename of a complete file, so it is committed exactly once. Running
+the same command again resumes: committed shards are skipped. A cache made with another
+codec, teacher, tokenizer or token set is refused unless ``cache.restart`` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kdscale.cache.manifest import CacheHeader, CacheManifest, CacheShardRecord, load_cache_manifest
+from kdscale.cache.writer import ShardTask
+from kdscale.config import KDScaleConfig, write_resolved_config
+from kdscale.config.cache import CacheConfig
+from kdscale.data.manifest import TokensManifest, load_tokens_manifest
+from kdscale.errors import KDScaleError
+from kdscale.logging import get_logger
+from kdscale.tracking import start_tracking
+
+log = get_logger(__name__)
+
+
+class CacheWorker:
+    """A Ray actor: one teacher, many shards. (Wrapped with ``ray.remote`` at launch.)"""
+
+    def __init__(self, cache: dict[str, Any], num_threads: int):
+        import torch
+
+        from kdscale.teacher import build_teacher
+
+        torch.set_num_threads(max(1, num_threads))
+        self.cfg = CacheConfig.model_validate(cache)
+        self.teacher = build_teacher(self.cfg.teacher)
+
+    def describe(self) -> dict[str, Any]:
+        """The teacher's fingerprint and vocabulary, for the manifest header."""
+        return {"fingerprint": self.teacher.fingerprint(), "vocab_size": self.teacher.vocab_size}
+
+    def process(self, task: ShardTask) -> CacheShardRecord:
+        """Write one cache shard (atomically) and return its record."""
+        from kdscale.cache.writer import write_cache_shard
+
+        return write_cache_shard(task, self.teacher, self.cfg)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One driver per cache directory at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KDScaleError(f"cache.out: {out} is in use by another `kdscale cache`") from None
+        yield
+
+
+@contextlib.contextmanager
+def _ray_session(cache: CacheConfig, out: Path) -> Iterator[None]:
+    """Attach to ``cache.ray.address`` or start a local Ray instance for this run."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if cache.ray.address:
+        ray.init(address=cache.ray.address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        temp_dir = Path(cache.ray.temp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "kdscale-ray")
+        ray.init(
+            num_cpus=cache.ray.num_cpus,
+            _node_ip_address="127.0.0.1",  # a local instance talks over loopback only
+            include_dashboard=False,
+            _temp_dir=str(temp_dir.resolve()),
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _tasks(tokens: TokensManifest, cache: CacheConfig, out: Path) -> list[ShardTask]:
+    tasks = []
+    for split in cache.splits:
+        if split not in tokens.splits:
+            raise KDScaleError(f"cache.splits: token set has no {split!r} split (have {', '.join(tokens.splits)})")
+        for shard in tokens.splits[split].shards:
+            tasks.append(
+                ShardTask(
+                    split=split,
+                    token_path=str(Path(cache.tokens) / shard.name),
+                    token_sha256=shard.sha256,
+                    out_path=str(out / shard.name),
+                    samples=shard.samples,
+                    seq_len=tokens.seq_len,
+                )
+            )
+    return tasks
+
+
+def _header(tokens: TokensManifest, cache: CacheConfig, teacher_fingerprint: str, vocab_size: int) -> CacheHeader:
+    from kdscale.cache.codec import codec_fingerprint, codec_params
+
+    return CacheHeader(
+        tokens_fingerprint=tokens.fingerprint,
+        tokenizer_fingerprint=tokens.tokenizer_fingerprint,
+        teacher=cache.teacher.model,
+        teacher_fingerprint=teacher_fingerprint,
+        vocab_size=vocab_size,
+        codec_params=codec_params(cache.codec, vocab_size),
+        codec_fingerprint=codec_fingerprint(cache.codec, vocab_size),
+        codec=cache.codec.model_dump(mode="json"),
+    )
+
+
+def _refuse_to_mix(out: Path, existing: CacheManifest, header: CacheHeader) -> None:
+    diffs = existing.header.differences(header)
+    if diffs:
+        raise KDScaleError(
+            f"cache.out: {out} holds a cache made differently ({'; '.join(diffs)}); "
+            "set cache.restart=true (--restart) to start over"
+        )
+
+
+def _existing_manifest(out: Path, tokens: TokensManifest, cache: CacheConfig) -> CacheManifest | None:
+    """The manifest of a cache to resume, checked on everything knowable before the teacher loads."""
+    if not (out / "manifest.json").is_file() or cache.restart:
+        return None
+    existing = load_cache_manifest(out)
+    old = existing.header
+    _refuse_to_mix(out, existing, _header(tokens, cache, old.teacher_fingerprint, old.vocab_size))
+    return existing
+
+
+def _discard(out: Path) -> None:
+    """``cache.restart``: remove an old cache's shards and manifest."""
+    if (out / "manifest.json").is_file():
+        old = load_cache_manifest(out)
+        log.warning("cache.restart: discarding %d shards of the old cache in %s", len(old.shards), out)
+        for name in old.shards:
+            (out / name).unlink(missing_ok=True)
+        (out / "manifest.json").unlink()
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp files of a killed run (never visible as shards) are deleted."""
+    for stale in out.glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def run(cfg: KDScaleConfig) -> int:
+    """Run the cache stage described by ``cfg.cache``; returns a process exit status."""
+    from kdscale.data.tokenizer import Tokenizer
+
+    cache = cfg.cache
+    if not cache.tokens or not cache.out:
+        raise KDScaleError("cache.tokens and cache.out are required (e.g. --tokens runs/tokens --out runs/cache)")
+    tokens = load_tokens_manifest(cache.tokens)
+    teacher_tok = Tokenizer(cache.teacher.model).info.fingerprint
+    if teacher_tok != tokens.tokenizer_fingerprint:
+        raise KDScaleError(
+            f"tokenizer_fingerprint: the teacher's tokenizer ({teacher_tok[:12]}) differs from the one "
+            f"that made {cache.tokens} ({tokens.tokenizer_fingerprint[:12]}); re-run `kdscale data` "
+            "with the teacher's tokenizer"
+        )
+    out = Path(cache.out)
+    with _exclusive(out):
+        existing = _existing_manifest(out, tokens, cache)
+        if cache.restart:
+            _discard(out)
+        _remove_stale_temps(out)
+        with _ray_session(cache, out):
+            _cache_with_ray(cfg, tokens, out, existing)
+        _remove_stale_temps(out)  # left by actors that died mid-shard and were retried
+    return 0
+
+
+def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, existing: CacheManifest | None) -> None:
+    """Start the actors, settle the header, and write every shard not yet committed."""
+    import ray
+
+    cache = cfg.cache
+    remote = ray.remote(
+        num_cpus=cache.ray.cpus_per_actor,
+        num_gpus=cache.ray.gpus_per_actor,
+        max_restarts=cache.ray.max_restarts,
+        max_task_retries=cache.ray.max_restarts,
+    )(CacheWorker)
+    threads = max(1, int(cache.ray.cpus_per_actor))
+    actors = [remote.remote(cache.model_dump(mode="json"), threads) for _ in range(cache.ray.actors)]
+    described = ray.get([a.describe.remote() for a in actors])
+    teacher = described[0]
+    if teacher["vocab_size"] < tokens.vocab_size:
+        raise KDScaleError(
+            f"vocab_size: teacher has {teacher['vocab_size']} logits, tokens use {tokens.vocab_size} ids"
+        )
+    header = _header(tokens, cache, teacher["fingerprint"], teacher["vocab_size"])
+    if existing is not None:
+        _refuse_to_mix(out, existing, header)  # now with the teacher's own fingerprint
+    manifest = existing or CacheManifest(header=header, tokens_dir=str(Path(cache.tokens).resolve()))
+    todo = [t for t in _tasks(tokens, cache, out) if Path(t.out_path).name not in manifest.shards]
+    write_resolved_config(cfg, out)
+    manifest.write(out)
+    log.info("cache %s: %d shards to write, %d already committed", out, len(todo), len(manifest.shards))
+    tracker = start_tracking(cfg.wandb, "cache", out, cfg.model_dump(mode="json") | {"cache_header": header.model_dump()})
+    try:
+        _dispatch(actors, todo, manifest, out, tracker)
+    finally:
+        tracker.finish()
+
+
+def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest, out: Path, tracker: Any) -> None:
+    """Keep every actor busy with one shard; record each shard as it commits."""
+    import ray
+
+    queue = deque(todo)
+    idle = list(actors)
+    inflight: dict[Any, tuple[Any, ShardTask]] = {}
+    start, tokens_done = time.perf_counter(), 0
+    with tqdm(total=len(todo), desc="caching", unit="shard", disable=None) as bar:
+        while queue or inflight:
+            while idle and queue:
+                actor, task = idle.pop(), queue.popleft()
+                inflight[actor.process.remote(task)] = (actor, task)
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            actor, task = inflight.pop(ref)
+            try:
+                record: CacheShardRecord = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                if isinstance(cause, KDScaleError):
+                    raise KDScaleError(str(cause).splitlines()[-1]) from None
+                raise
+            manifest.shards[record.name] = record
+            manifest.write(out)  # the commit point a resumed run trusts
+            idle.append(actor)
+            tokens_done += record.tokens
+            rate = tokens_done / max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{rate:,.0f}")
+            tracker.log(
+                {
+                    "cache/tokens_per_s": rate,
+                    "cache/shards_committed": len(manifest.shards),
+                    "cache/covered_mass_mean": record.fidelity.covered_mass_mean,
+                    "cache/kl_mean": record.fidelity.kl_mean,
+                    "cache/bytes_per_token": record.bytes / max(record.tokens, 1),
+                }
+            )
+    log.info("cache %s: %d shards committed (%.0f tokens/s)", out, len(manifest.shards), tokens_done / max(time.perf_counter() - start, 1e-9))

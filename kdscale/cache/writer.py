@@ -1,0 +1,142 @@
+"""Write one cache shard: token shard → teacher → sparse targets → codec → atomic tar.
+
+Members are ``<key>.targets`` (one codec blob per sample, in the token shard's order), so the
+cache shard is a webdataset tar with the same keys as its token shard. The teacher runs on the
+calling thread while a background thread encodes and writes the previous sample, so encoding
+overlaps the teacher. The file appears under its final name only once complete (temp name →
+fsync → rename); a killed writer leaves a hidden ``.*.tmp`` file that the runner removes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from kdscale.cache.codec import decode, encode
+from kdscale.cache.fidelity import fidelity, support_kl
+from kdscale.cache.manifest import CacheShardRecord, Fidelity
+from kdscale.cache.sparsify import concat_positions, sparsify
+from kdscale.cache.targets import SparseTargets
+from kdscale.config.cache import CacheConfig
+from kdscale.data.shards import iter_token_shard
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_open, sha256_file
+from kdscale.teacher.base import Teacher
+
+TARGETS_MEMBER = "targets"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: a token shard and where its cache shard goes."""
+
+    split: str
+    token_path: str
+    token_sha256: str
+    out_path: str
+    samples: int
+    seq_len: int
+
+
+class _FidelityStats:
+    """Running fidelity of a shard: probe positions vs the full teacher, and quantization error."""
+
+    def __init__(self) -> None:
+        self.covered: list[torch.Tensor] = []
+        self.kl: list[torch.Tensor] = []
+        self.tv: list[torch.Tensor] = []
+        self.support: list[torch.Tensor] = []
+        self.quant_kl: list[torch.Tensor] = []
+
+    def add_probes(self, logp_SV: torch.Tensor, targets: SparseTargets, rows: torch.Tensor, temperature: float) -> None:
+        """Compare the kept targets at ``rows`` with the full teacher distribution."""
+        if rows.numel() == 0:
+            return
+        probe = SparseTargets(targets.ids[:, rows], targets.logp[:, rows], targets.tail_logp[:, rows], targets.kind)
+        stats = fidelity(logp_SV[rows], probe, temperature)
+        self.covered.append(stats.covered_mass)
+        self.kl.append(stats.kl)
+        self.tv.append(stats.tv)
+        self.support.append(probe.valid.sum(-1)[0].double())
+
+    def add_quantization(self, targets: SparseTargets, decoded: SparseTargets) -> None:
+        """KL from the exact kept targets to what the codec stores (all positions)."""
+        if targets.kind != "sampled":  # counts are stored exactly
+            self.quant_kl.append(support_kl(targets, decoded).flatten())
+
+    def summary(self) -> Fidelity:
+        covered, kl, tv, support = (torch.cat(x) for x in (self.covered, self.kl, self.tv, self.support))
+        finite_kl = bool(torch.isfinite(kl).all())
+        quant_kl = torch.cat(self.quant_kl) if self.quant_kl else torch.zeros(1, dtype=torch.float64)
+        return Fidelity(
+            positions=int(covered.numel()),
+            covered_mass_mean=float(covered.mean()),
+            covered_mass_min=float(covered.min()),
+            kl_mean=float(kl.mean()) if finite_kl else None,
+            kl_max=float(kl.max()) if finite_kl else None,
+            tv_mean=float(tv.mean()),
+            support_mean=float(support.mean()),
+            quant_kl_mean=float(quant_kl.mean()),
+        )
+
+
+def _batch_targets(
+    teacher: Teacher, inputs: torch.Tensor, keys: list[str], cfg: CacheConfig, stats: _FidelityStats
+) -> list[SparseTargets]:
+    """Sparse targets of every row, sparsifying each teacher chunk as it arrives (one
+    ``[B, chunk, V]`` block alive at a time), with probe fidelity."""
+    parts: list[list[SparseTargets]] = [[] for _ in keys]
+    for start, logp in teacher.logits_chunks(inputs, cfg.teacher.chunk):
+        positions = torch.arange(start, start + logp.shape[1])
+        probes = torch.nonzero(positions % cfg.probe_every == 0).flatten()
+        for row, key in enumerate(keys):
+            part = sparsify(logp[row], cfg.codec, key, start)
+            stats.add_probes(logp[row], part, probes, cfg.codec.temperature)
+            parts[row].append(part)
+    return [concat_positions(p) for p in parts]
+
+
+def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> CacheShardRecord:
+    """Score every sample of ``task``'s token shard and commit its cache shard atomically."""
+    samples = list(iter_token_shard(task.token_path, sha256=task.token_sha256))
+    if len(samples) != task.samples:
+        raise KDScaleError(f"{task.token_path}: {len(samples)} samples, the manifest says {task.samples}")
+    vocab = teacher.vocab_size
+    stats = _FidelityStats()
+    out = Path(task.out_path)
+    with atomic_open(out) as handle, ThreadPoolExecutor(max_workers=1) as encoder:
+        tar = wds.TarWriter(handle, mtime=0.0)
+        pending: Future[None] | None = None
+
+        def emit(key: str, targets: SparseTargets) -> None:
+            blob = encode(targets, cfg.codec, vocab)
+            stats.add_quantization(targets, decode(blob, cfg.codec, vocab))
+            tar.write({"__key__": key, TARGETS_MEMBER: blob})
+
+        for begin in range(0, len(samples), cfg.batch_size):
+            batch = samples[begin : begin + cfg.batch_size]
+            inputs = torch.from_numpy(np.stack([t[:-1] for _, t in batch]).astype(np.int64))
+            keys = [key for key, _ in batch]
+            for key, targets in zip(keys, _batch_targets(teacher, inputs, keys, cfg, stats)):
+                if pending is not None:
+                    pending.result()  # keeps members in order; re-raises encoder errors
+                pending = encoder.submit(emit, key, targets)
+        if pending is not None:
+            pending.result()
+        tar.close()
+    return CacheShardRecord(
+        name=out.name,
+        split=task.split,
+        token_shard=Path(task.token_path).name,
+        samples=len(samples),
+        tokens=len(samples) * task.seq_len,
+        bytes=out.stat().st_size,
+        sha256=sha256_file(out),
+        fidelity=stats.summary(),
+    )
+

@@ -1,0 +1,127 @@
+"""``cache`` section: teacher → sparse teacher targets (``kdscale cache``).
+
+``cache.codec`` says what is kept of each teacher distribution and how it is stored;
+``cache.teacher`` says which model produces the distributions and how it runs.
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kdscale.config.base import Section
+
+
+class CodecConfig(Section):
+    """What a cache keeps of each next-token distribution, and how it is stored (``cache.codec``).
+
+    ``topk`` keeps the ``k`` most likely ids; ``topp`` the smallest set covering mass ``p``
+    (between ``min_k`` and ``max_k`` ids); both also keep the tail mass. ``sampled`` (RS-KD)
+    keeps the distinct ids of ``draws`` draws with replacement and their counts: an unbiased
+    estimate. Log-probs of ``topk``/``topp`` are quantized; ids take ceil(log2 V) bits.
+    """
+
+    kind: Literal["topk", "topp", "sampled"] = Field(
+        "topk", description="Sparsification: topk, topp (nucleus), or sampled (RS-KD)."
+    )
+    k: int = Field(64, ge=1, description="topk: ids kept per position.")
+    p: float = Field(0.95, gt=0.0, le=1.0, description="topp: probability mass to cover.")
+    min_k: int = Field(1, ge=1, description="topp: fewest ids kept per position.")
+    max_k: int = Field(64, ge=1, description="topp: most ids kept per position.")
+    draws: int = Field(
+        50, ge=1, le=65535, description="sampled: draws N with replacement per position."
+    )
+    seed: int = Field(
+        0, ge=0, description="sampled: seed mixed with the sample key and position of each draw."
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="Teacher temperature T: targets are softmax(logits / T)."
+    )
+    quant_step: float = Field(
+        0.01,
+        ge=1e-4,
+        le=1.0,
+        description="topk/topp: log-prob quantization step (nats) at p = 1; the step grows as "
+        "quant_step / sqrt(p) up to quant_step_max. Set both equal for uniform log steps.",
+    )
+    quant_step_max: float = Field(
+        1.0, ge=1e-4, le=8.0, description="topk/topp: the coarsest log-prob step (nats)."
+    )
+    block: int = Field(
+        128, ge=1, le=65536, description="Positions that share one id dictionary in a member."
+    )
+    zstd_level: int = Field(
+        9, ge=1, le=22, description="zstandard level (decoding does not depend on it)."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "CodecConfig":
+        if self.min_k > self.max_k:
+            raise ValueError(f"min_k={self.min_k} must not exceed max_k={self.max_k}")
+        if self.quant_step_max < self.quant_step:
+            raise ValueError(
+                f"quant_step_max={self.quant_step_max} must be >= quant_step={self.quant_step}"
+            )
+        return self
+
+    @property
+    def max_support(self) -> int:
+        """The most ids one position can keep under this config."""
+        return {"topk": self.k, "topp": self.max_k, "sampled": self.draws}[self.kind]
+
+
+class TeacherConfig(Section):
+    """The model that produces teacher distributions (``cache.teacher``)."""
+
+    model: str = Field(
+        "smollm2-135m", description="A local Hugging Face model directory or a fixture name."
+    )
+    backend: Literal["hf"] = Field(
+        "hf", description="Teacher implementation: 'hf' (transformers causal LM)."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Weights and compute dtype; log-softmax is always float32."
+    )
+    device: str = Field("cpu", description="torch device for the teacher, e.g. cpu or cuda:0.")
+    chunk: int = Field(
+        256,
+        ge=1,
+        description="Positions per output-layer block: peak memory holds one [batch, chunk, "
+        "vocab] float32 block instead of [batch, seq, vocab].",
+    )
+
+
+class RayConfig(Section):
+    """The Ray actor pool that runs teachers (``cache.ray``)."""
+
+    address: str | None = Field(
+        None, description="Attach to this Ray cluster (e.g. 'auto' or 'ray://head:10001'); "
+        "None starts a local instance for the run."
+    )
+    actors: int = Field(1, ge=1, description="Teacher actors (one teacher each).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch threads).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    max_restarts: int = Field(
+        3, ge=-1, description="Times Ray restarts a dead actor and retries its shard (-1: forever)."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all).")
+    temp_dir: str | None = Field(None, description="Ray's session directory for a local instance.")
+
+
+class CacheConfig(Section):
+    """Teacher-target caching: what to score, how to store it, and who runs the teacher."""
+
+    tokens: str = Field("", description="Token-shard directory (output of `kdscale data`).")
+    out: str = Field("", description="Cache directory (created; resumed when it exists).")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "eval"], description="Token splits to cache."
+    )
+    batch_size: int = Field(4, ge=1, description="Samples per teacher forward pass.")
+    probe_every: int = Field(
+        16, ge=1, description="Fidelity (KL to the full teacher) is measured every N positions."
+    )
+    restart: bool = Field(
+        False, description="Discard an existing cache made with another codec/teacher/token set."
+    )
+    codec: CodecConfig = Field(default_factory=CodecConfig, description="Target codec.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray actor pool.")

@@ -1,0 +1,53 @@
+"""The teacher protocol: token batches in, next-token log-probabilities out, chunk by chunk.
+
+A backend runs the model body once over ``[B, S]`` tokens and then applies the output layer
+and log-softmax to one block of ``chunk`` positions at a time, so peak memory holds a single
+``[B, chunk, V]`` float32 block rather than ``[B, S, V]``. The megatron-core backend (TP
+inside a Ray actor group) implements the same protocol on the rank that drives the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from kdscale.errors import KDScaleError
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What the cache stage needs from a teacher model."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Width ``V`` of the output distribution (the output layer's rows)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Architecture plus a digest of the weights; equal fingerprints give equal outputs."""
+        ...
+
+    def logits_chunks(
+        self, tokens: torch.Tensor, chunk: int
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """For ``tokens`` int64 ``[B, S]``: ``(start, logp[B, c, V])`` float32 log-probs of the
+        next token at positions ``start .. start + c`` (``c <= chunk``), in order, on CPU or
+        the teacher's device."""
+        ...
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int, chunk: int) -> None:
+    """Reject token batches a teacher cannot score, with a message naming the problem."""
+    if tokens.dim() != 2 or tokens.dtype != torch.int64:
+        raise KDScaleError(
+            f"teacher: tokens must be int64 [batch, seq], got {tokens.dtype} {tuple(tokens.shape)}"
+        )
+    if chunk < 1:
+        raise KDScaleError(f"cache.teacher.chunk={chunk}: must be >= 1")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise KDScaleError(
+            f"teacher: token ids span {int(tokens.min())} .. {int(tokens.max())}, outside the "
+            f"teacher's vocabulary 0 .. {vocab_size - 1}"
+        )
