@@ -11,13 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from kdscale.errors import KDScaleError
-from kdscale.io import atomic_write_text
-
-CACHE_MANIFEST_NAME = "manifest.json"
-CACHE_FORMAT = "kdscale.cache/1"
+from kdscale.manifest import Manifest
 
 
 class Fidelity(BaseModel):
@@ -79,11 +75,12 @@ class CacheHeader(BaseModel):
         return diffs
 
 
-class CacheManifest(BaseModel):
+class CacheManifest(Manifest):
     """``manifest.json`` of a cache directory (see DESIGN.md "Cache shards")."""
 
-    model_config = ConfigDict(extra="forbid")
-    format: str = CACHE_FORMAT
+    FORMAT = "kdscale.cache/1"
+    PRODUCER = "kdscale cache"
+    format: str = FORMAT
     header: CacheHeader
     tokens_dir: str
     shards: dict[str, CacheShardRecord] = {}
@@ -94,23 +91,7 @@ class CacheManifest(BaseModel):
         payload = {"header": self.header.model_dump(exclude={"codec"}), "shards": {k: v.sha256 for k, v in sorted(self.shards.items())}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-    def write(self, root: str | Path) -> None:
-        """Write ``manifest.json`` atomically."""
-        body = self.model_dump(mode="json") | {"fingerprint": self.fingerprint}
-        atomic_write_text(Path(root) / CACHE_MANIFEST_NAME, json.dumps(body, indent=2) + "\n")
-
 
 def load_cache_manifest(root: str | Path) -> CacheManifest:
-    """Read and validate a cache directory's manifest; a clear error if missing or damaged."""
-    path = Path(root) / CACHE_MANIFEST_NAME
-    if not path.is_file():
-        raise KDScaleError(f"{root}: no {CACHE_MANIFEST_NAME}; is this the output of `kdscale cache`?")
-    try:
-        body = json.loads(path.read_text())
-        body.pop("fingerprint", None)
-        manifest = CacheManifest.model_validate(body)
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise KDScaleError(f"{path}: damaged cache manifest ({str(exc).splitlines()[0]})") from None
-    if manifest.format != CACHE_FORMAT:
-        raise KDScaleError(f"{path}: format {manifest.format!r}, this kdscale reads {CACHE_FORMAT!r}")
-    return manifest
+    """Read and validate a cache directory's manifest."""
+    return CacheManifest.load(root)

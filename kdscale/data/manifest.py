@@ -6,13 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from kdscale.errors import KDScaleError
-from kdscale.io import atomic_write_text
-
-MANIFEST_NAME = "manifest.json"
-FORMAT = "kdscale.tokens/1"
+from kdscale.manifest import Manifest
 
 
 class ShardRecord(BaseModel):
@@ -34,10 +31,11 @@ class SplitRecord(BaseModel):
     shards: list[ShardRecord] = []
 
 
-class TokensManifest(BaseModel):
+class TokensManifest(Manifest):
     """``manifest.json`` of a token-shard directory (see DESIGN.md "Token shards")."""
 
-    model_config = ConfigDict(extra="forbid")
+    FORMAT = "kdscale.tokens/1"
+    PRODUCER = "kdscale data"
     format: str = FORMAT
     tokenizer: str
     tokenizer_fingerprint: str
@@ -67,25 +65,7 @@ class TokensManifest(BaseModel):
             raise KDScaleError(f"{root}: no {split!r} split (have: {', '.join(self.splits)})")
         return [Path(root) / s.name for s in self.splits[split].shards]
 
-    def write(self, root: str | Path) -> None:
-        """Write ``manifest.json`` atomically (with the fingerprint, for humans and tools)."""
-        body = self.model_dump(mode="json") | {"fingerprint": self.fingerprint}
-        atomic_write_text(Path(root) / MANIFEST_NAME, json.dumps(body, indent=2) + "\n")
-
 
 def load_tokens_manifest(root: str | Path) -> TokensManifest:
-    """Read and validate a token directory's manifest; a clear error if missing or damaged."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise KDScaleError(f"{root}: no {MANIFEST_NAME}; is this the output of `kdscale data`?")
-    try:
-        body = json.loads(path.read_text())
-        stored = body.pop("fingerprint", None)
-        manifest = TokensManifest.model_validate(body)
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise KDScaleError(f"{path}: damaged tokens manifest ({str(exc).splitlines()[0]})") from None
-    if manifest.format != FORMAT:
-        raise KDScaleError(f"{path}: format {manifest.format!r}, this kdscale reads {FORMAT!r}")
-    if stored is not None and stored != manifest.fingerprint:
-        raise KDScaleError(f"{path}: fingerprint does not match its contents (edited by hand?)")
-    return manifest
+    """Read and validate a token directory's manifest."""
+    return TokensManifest.load(root)
