@@ -25,6 +25,8 @@ demo: install
 	$(BIN)/kdscale data --config configs/quickstart.yaml
 	$(BIN)/kdscale cache --config configs/quickstart.yaml
 	$(BIN)/kdscale inspect-cache runs/quickstart/cache
+	$(BIN)/kdscale train --config configs/quickstart.yaml
+	$(BIN)/kdscale eval runs/quickstart/student --data runs/quickstart/tokens --cache runs/quickstart/cache
 
 test: install
 	$(BIN)/python -m pytest tests

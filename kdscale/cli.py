@@ -99,6 +99,8 @@ STAGES: dict[str, Stage] = {
                       {"type": int}),
             Shorthand("--groups", "prune.target.num_query_groups", "target KV groups",
                       {"type": int}),
+            Shorthand("--search", "prune.search.enabled", "search shapes by short distillation",
+                      {"action": "store_true", "default": None}),
             Shorthand("--overwrite", "prune.overwrite", "replace an existing output",
                       {"action": "store_true", "default": None}),
         ),
@@ -111,11 +113,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-cache": ("Summarize a cache (codec, bytes/token, fidelity); --verify checks every sha256.",
                       "kdscale.cache.inspect:main"),
     "eval": ("Evaluate a checkpoint: LM loss, perplexity and (with --cache) KL to the teacher.",
-             "kdscale.train.evaluate:main"),
+             "kdscale.train.eval_command:main"),
     "import-hf": ("Convert an HF Llama directory into a kdscale model directory (dist checkpoint).",
                   "kdscale.models.hf_io:import_main"),
     "export-hf": ("Write a kdscale model directory as an HF Llama directory (safetensors + tokenizer).",
                   "kdscale.models.hf_io:export_main"),
+    "submit": ("Submit a recipe's stage as a SLURM batch job or a Ray job (--dry-run prints it).",
+               "kdscale.launch.submit:main"),
 }
 
 

@@ -46,7 +46,10 @@ def iter_cache_members(path: str | Path, sha256: str | None = None) -> Iterator[
     if sha256 is not None and sha256_file(path) != sha256:
         raise KDScaleError(f"cache shard {str(path)!r} is corrupt: sha256 differs from the manifest")
     try:
-        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+        dataset = wds.WebDataset(
+            str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
+        for sample in dataset:
             if TARGETS_MEMBER not in sample:
                 raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {TARGETS_MEMBER} member")
             yield sample["__key__"], sample[TARGETS_MEMBER]

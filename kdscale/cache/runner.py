@@ -173,12 +173,13 @@ def _remove_stale_temps(out: Path) -> None:
 def run(cfg: KDScaleConfig) -> int:
     """Run the cache stage described by ``cfg.cache``; returns a process exit status."""
     from kdscale.data.tokenizer import Tokenizer
+    from kdscale.teacher import teacher_tokenizer
 
     cache = cfg.cache
     if not cache.tokens or not cache.out:
         raise KDScaleError("cache.tokens and cache.out are required (e.g. --tokens runs/tokens --out runs/cache)")
     tokens = load_tokens_manifest(cache.tokens)
-    teacher_tok = Tokenizer(cache.teacher.model).info.fingerprint
+    teacher_tok = Tokenizer(teacher_tokenizer(cache.teacher)).info.fingerprint
     if teacher_tok != tokens.tokenizer_fingerprint:
         raise KDScaleError(
             f"tokenizer_fingerprint: the teacher's tokenizer ({teacher_tok[:12]}) differs from the one "

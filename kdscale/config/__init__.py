@@ -13,29 +13,43 @@ Example::
 from pydantic import Field
 
 from kdscale.config.base import Section
+from kdscale.config.cache import CacheConfig
 from kdscale.config.data import DataConfig
 from kdscale.config.loader import load_config, parse_override, write_resolved_config
 from kdscale.config.loss import KDLossConfig
 from kdscale.config.model import ModelConfig
 from kdscale.config.parallel import ParallelConfig
+from kdscale.config.prune import PruneConfig, PruneSearch, PruneTarget
+from kdscale.config.tracking import WandbConfig
+from kdscale.config.train import TrainConfig
 
 
 class KDScaleConfig(Section):
     """The root config: one section per stage."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="Token data stage.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Teacher-target cache.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Student architecture.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Layout.")
     loss: KDLossConfig = Field(default_factory=KDLossConfig, description="KD + LM objective.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="W&B monitoring.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Structured pruning.")
 
 
 __all__ = [
+    "CacheConfig",
     "DataConfig",
     "KDLossConfig",
     "KDScaleConfig",
     "ModelConfig",
     "ParallelConfig",
+    "PruneConfig",
+    "PruneSearch",
+    "PruneTarget",
     "Section",
+    "TrainConfig",
+    "WandbConfig",
     "load_config",
     "parse_override",
     "write_resolved_config",

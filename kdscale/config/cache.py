@@ -73,10 +73,19 @@ class TeacherConfig(Section):
     """The model that produces teacher distributions (``cache.teacher``)."""
 
     model: str = Field(
-        "smollm2-135m", description="A local Hugging Face model directory or a fixture name."
+        "smollm2-135m",
+        description="A local Hugging Face model directory or fixture name (backend hf), or a "
+        "kdscale checkpoint directory (backend megatron).",
     )
-    backend: Literal["hf"] = Field(
-        "hf", description="Teacher implementation: 'hf' (transformers causal LM)."
+    backend: Literal["hf", "megatron"] = Field(
+        "hf",
+        description="Teacher implementation: 'hf' (transformers causal LM) or 'megatron' "
+        "(megatron-core GPT from a kdscale checkpoint).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer of the teacher (HF dir or fixture name); default: the model dir, "
+        "or a megatron checkpoint's hf/ folder written by import-hf.",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Weights and compute dtype; log-softmax is always float32."

@@ -94,7 +94,10 @@ def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tu
         raise KDScaleError(f"token shard {str(path)!r} is missing")
     if sha256 is not None and sha256_file(path) != sha256:
         raise KDScaleError(f"token shard {str(path)!r} is corrupt: sha256 differs from the manifest")
-    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode()
+    # One named shard is read whole, whatever the rank or worker: no node/worker splitting.
+    dataset = wds.WebDataset(
+        str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+    ).decode()
     try:
         for sample in dataset:
             if TOKENS_MEMBER not in sample:

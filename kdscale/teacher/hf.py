@@ -9,8 +9,6 @@ that post-processes its logits differently is refused rather than silently mis-s
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
-from kdscale.teacher.base import check_tokens
+from kdscale.teacher.base import check_tokens, weights_fingerprint
 
 log = get_logger(__name__)
 
@@ -89,21 +87,15 @@ class HFTeacher:
             )
 
     def fingerprint(self) -> str:
-        """``hf:<architecture>:sha256:<hex>``: a digest of the config and of every weight's
-        name, dtype, shape and bytes (about a second for 135M float32 parameters)."""
+        """``hf:<architecture>:sha256:<hex>`` of the config and every weight (see
+        :func:`~kdscale.teacher.base.weights_fingerprint`)."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
             volatile = {"transformers_version", "dtype", "torch_dtype"}  # dtype: in the bytes
             config = {
                 k: v
                 for k, v in self.model.config.to_dict().items()
                 if not k.startswith("_") and k not in volatile
             }
-            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-            for name, tensor in sorted(self.model.state_dict().items()):
-                flat = tensor.detach().reshape(-1).contiguous().cpu()
-                digest.update(f"\0{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
-                digest.update(flat.view(torch.uint8).numpy().data)
             arch = (self.model.config.architectures or [type(self.model).__name__])[0]
-            self._fingerprint = f"hf:{arch}:sha256:{digest.hexdigest()}"
+            self._fingerprint = weights_fingerprint("hf", arch, config, self.model.state_dict().items())
         return self._fingerprint

@@ -6,7 +6,8 @@
     destroy_parallel()
 
 Launch with torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-LOCAL_RANK): the backend is nccl on a GPU and gloo on CPU. All groups come from megatron's
+LOCAL_RANK): the backend is nccl on a GPU and gloo on CPU. Without those variables the process
+is a world of one (an in-memory store, no network). All groups come from megatron's
 ``parallel_state``; nothing here builds groups or computes ranks itself.
 """
 
@@ -37,7 +38,11 @@ def initialize_parallel(parallel: ParallelConfig, seed: int) -> None:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         _OWNS_PROCESS_GROUP = True
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
@@ -56,3 +61,10 @@ def destroy_parallel() -> None:
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
+
+
+def device() -> torch.device:
+    """This rank's compute device: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

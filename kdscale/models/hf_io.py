@@ -1,0 +1,192 @@
+"""``kdscale import-hf`` and ``kdscale export-hf``: HF Llama directories ↔ kdscale model dirs.
+
+    kdscale import-hf ~/models/SmolLM2-135M runs/smollm2   # → a step-0 checkpoint (model_dir.py)
+    kdscale export-hf runs/pruned runs/pruned-hf            # → config.json, model.safetensors,
+    kdscale export-hf runs/student runs/student-hf --tokenizer ~/models/SmolLM2-135M  # trained
+
+Both run in one process (TP=1, fp32); the written checkpoint loads at any TP layout. Exported
+directories load with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdscale.config import KDScaleConfig, ModelConfig, ParallelConfig
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_directory, atomic_write_text
+from kdscale.logging import get_logger
+from kdscale.models import build_gpt_model
+from kdscale.models.hf_convert import (
+    hf_config_to_model,
+    hf_to_megatron,
+    megatron_to_hf,
+    model_to_hf_config,
+)
+from kdscale.models.session import parallel_session
+from kdscale.models.model_dir import HF_META, load_weights, open_model_dir, save_model_dir
+from kdscale.models.tp_state import gather_full_state, load_full_state
+
+log = get_logger(__name__)
+
+# Everything of an HF directory besides the weights and the architecture: the tokenizer and
+# generation defaults. Copied through import → prune → export unchanged.
+_META_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+# HF config keys that are not architecture: kept from the imported config for export.
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def read_hf_dir(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An HF directory's ``config.json`` and its safetensors weights (single file or sharded)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise KDScaleError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
+    config = json.loads((hf_dir / "config.json").read_text())
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise KDScaleError(
+            f"{hf_dir}: no *.safetensors weights (found: {', '.join(p.name for p in hf_dir.iterdir())});"
+            " re-save with save_pretrained(safe_serialization=True)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return config, {k: t.float() for k, t in state.items()}
+
+
+def _write_meta(hf_dir: Path, config: dict, out: Path) -> None:
+    out.mkdir(parents=True)
+    for name in _META_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out / name)
+    tokens = {k: config[k] for k in _TOKEN_KEYS if k in config}
+    atomic_write_text(out / "token_ids.json", json.dumps(tokens, indent=2) + "\n")
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
+    """Convert an HF Llama directory into a kdscale model directory; returns its ModelConfig."""
+    hf_config, hf_state = read_hf_dir(hf_dir)
+    model = hf_config_to_model(hf_config)
+    full = hf_to_megatron(hf_state, model)
+    with tempfile.TemporaryDirectory(prefix="kdscale-import-") as tmp, parallel_session(
+        ParallelConfig()
+    ):
+        meta = Path(tmp) / HF_META
+        _write_meta(Path(hf_dir), hf_config, meta)
+        gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
+        load_full_state(gpt, full)
+        origin = {"command": "import-hf", "source": str(Path(hf_dir).resolve())}
+        save_model_dir(out, KDScaleConfig(model=model), gpt, origin, meta, overwrite=overwrite)
+    log.info(
+        "imported %s → %s (%d layers, hidden %d)", hf_dir, out, model.num_layers, model.hidden_size
+    )
+    return model
+
+
+def export_hf(
+    ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write a kdscale checkpoint (model dir, run dir or step dir) as an HF Llama directory.
+
+    Tokenizer and generation files come from ``tokenizer`` (an HF directory) if given, else from
+    the checkpoint's ``hf/`` (model directories have one; training checkpoints do not).
+    """
+    ckpt, model = open_model_dir(ckpt, "MODEL_DIR")
+    out = Path(out)
+    meta = Path(tokenizer) if tokenizer is not None else ckpt / HF_META
+    if tokenizer is not None and not meta.is_dir():
+        raise KDScaleError(f"--tokenizer {tokenizer}: not a directory")
+    token_ids = meta / "token_ids.json"
+    if token_ids.is_file():
+        tokens = json.loads(token_ids.read_text())
+    elif (meta / "config.json").is_file():
+        tokens = {
+            k: v
+            for k, v in json.loads((meta / "config.json").read_text()).items()
+            if k in _TOKEN_KEYS
+        }
+    else:
+        tokens = {}
+    config = model_to_hf_config(model, extra=tokens)  # refuses an unexportable shape up front
+    if out.exists() and not overwrite:
+        raise KDScaleError(f"{out} exists; pass --overwrite to replace it")
+    if not meta.is_dir():
+        log.warning(
+            "%s has no %s/: exporting without tokenizer files (pass --tokenizer HF_DIR)",
+            ckpt,
+            HF_META,
+        )
+    with parallel_session(ParallelConfig()):
+        gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
+        load_weights(gpt, ckpt)
+        hf_state = megatron_to_hf(gather_full_state(gpt), model)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        if meta.is_dir():
+            for file in meta.iterdir():
+                if file.name in _META_FILES:
+                    shutil.copy2(file, tmp / file.name)
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        save_file(
+            {k: t.contiguous() for k, t in hf_state.items()},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+    log.info("exported %s → %s", ckpt, out)
+    return out
+
+
+def _parser(prog: str, src: str, dst: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"kdscale {prog}", description=description)
+    parser.add_argument("src", metavar=src)
+    parser.add_argument("out", metavar=dst)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def import_main(argv: list[str]) -> int:
+    """``kdscale import-hf HF_DIR OUT``."""
+    args = _parser(
+        "import-hf",
+        "HF_DIR",
+        "OUT",
+        "Convert an HF Llama directory to a kdscale "
+        "model directory (megatron dist checkpoint + model config).",
+    ).parse_args(argv)
+    import_hf(args.src, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """``kdscale export-hf MODEL_DIR OUT``."""
+    parser = _parser(
+        "export-hf",
+        "MODEL_DIR",
+        "OUT",
+        "Write a kdscale model directory or training "
+        "checkpoint as an HF Llama directory (config.json, model.safetensors, tokenizer).",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="HF_DIR",
+        help="copy tokenizer files from here (default: MODEL_DIR/hf)",
+    )
+    args = parser.parse_args(argv)
+    export_hf(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,1 @@
+"""Minitron-style structured pruning: activation importance, homogeneous width/depth cuts."""

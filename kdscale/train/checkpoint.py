@@ -1,0 +1,293 @@
+"""Checkpoints: megatron ``dist_checkpointing`` plus the files that make a directory self-contained.
+
+    <out>/checkpoints/latest                 text file naming the newest complete checkpoint
+    <out>/checkpoints/step_000000100/        dist_checkpointing shards (model, optimizer)
+        model.yaml                           the model section it was built from
+        config.yaml                          the run's full resolved config
+        train_state.json                     step, consumed samples, LR schedule, layout, inputs
+        rng/tp0-pp0-dp0.pt                   each rank's RNG streams
+
+Saves are atomic: every rank writes into ``.step_N.tmp``; only when all are done does rank 0
+add the small files, rename the directory to ``step_N`` and then rewrite ``latest`` (itself
+atomically). A crash at any point leaves the previous checkpoint as the latest; leftovers of an
+interrupted save are deleted by the next one. Tensors are stored by their global names and
+shapes, so a checkpoint loads at any tensor/pipeline/data-parallel layout; RNG streams are
+restored only at the layout that saved them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from kdscale.config import KDScaleConfig, ModelConfig, write_resolved_config
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_open, atomic_write_text, fsync_dir
+from kdscale.logging import get_logger
+
+log = get_logger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE = "train_state.json"
+MODEL_CONFIG = "model.yaml"
+# The distributed optimizer's layout-independent format (per-parameter tensors).
+_OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+# Model fields that change the tensors a checkpoint holds (numerics and dropout may differ).
+_ARCHITECTURE = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "tie_embeddings",
+)  # fmt: skip
+
+
+@dataclass
+class Progress:
+    """Where training stands: the state a resumed run continues from."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+def step_name(step: int) -> str:
+    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step_{step:09d}"
+
+
+def _steps(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE).is_file())
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The checkpoint ``<out>/checkpoints/latest`` names (or, if that pointer is missing or
+    dangling, the newest complete one); None when there is none."""
+    root = Path(out) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if (target / STATE).is_file():
+            return target
+        log.warning("%s names %s, which is not a complete checkpoint", pointer, target.name)
+    steps = _steps(root) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def resolve_checkpoint(path: str | Path, what: str) -> Path:
+    """A step directory from a run directory, its ``checkpoints/`` or a step directory."""
+    path = Path(path)
+    if (path / STATE).is_file():
+        return path
+    found = latest_checkpoint(path.parent if path.name == CHECKPOINTS else path)
+    if found is not None:
+        return found
+    raise KDScaleError(
+        f"{what}={str(path)!r} is not a kdscale checkpoint: expected a run directory with "
+        f"{CHECKPOINTS}/, or a step directory holding {STATE}"
+    )
+
+
+def read_train_state(ckpt: Path) -> dict[str, Any]:
+    """The ``train_state.json`` of a checkpoint."""
+    return json.loads((ckpt / STATE).read_text())
+
+
+def read_model_config(ckpt: Path) -> ModelConfig:
+    """The model config a checkpoint was built from."""
+    return ModelConfig.model_validate(yaml.safe_load((ckpt / MODEL_CONFIG).read_text()))
+
+
+def read_run_config(ckpt: Path) -> KDScaleConfig:
+    """The full resolved config of the run that wrote a checkpoint."""
+    return KDScaleConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+
+
+def check_architecture(ckpt: Path, model: ModelConfig, what: str) -> None:
+    """Refuse a checkpoint whose tensors do not fit ``model``, naming every differing field."""
+    saved = read_model_config(ckpt)
+    diffs = [
+        f"model.{f}={getattr(model, f)!r} (checkpoint: {getattr(saved, f)!r})"
+        for f in _ARCHITECTURE
+        if getattr(model, f) != getattr(saved, f)
+    ]
+    if diffs:
+        raise KDScaleError(
+            f"{what}: checkpoint {ckpt} was built for another model: {'; '.join(diffs)}"
+        )
+
+
+def _layout() -> dict[str, int | None]:
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_file(root: Path) -> Path:
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    dp = parallel_state.get_data_parallel_rank()
+    return root / "rng" / f"tp{tp}-pp{pp}-dp{dp}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(
+    chunks: list[GPTModel], optimizer: MegatronOptimizer | None, loading: bool
+) -> dict[str, Any]:
+    model = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    if optimizer is None:
+        return model
+    return model | {
+        "optimizer": optimizer.sharded_state_dict(
+            model, is_loading=loading, metadata=_OPTIMIZER_METADATA
+        )
+    }
+
+
+def save_checkpoint(
+    cfg: KDScaleConfig,
+    progress: Progress,
+    chunks: list[GPTModel],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    inputs: dict[str, Any],
+) -> Path:
+    """Save a checkpoint of this step atomically (collective: every rank calls it)."""
+    root = Path(cfg.train.out) / CHECKPOINTS
+    name = step_name(progress.step)
+    tmp, final = root / f".{name}.tmp", root / name
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    # Adam has no state before its first step; such a checkpoint holds the weights only.
+    with_optimizer = progress.step > 0
+    dist_checkpointing.save(
+        _sharded_state(chunks, optimizer if with_optimizer else None, loading=False), str(tmp)
+    )
+    rng = _rng_file(tmp)
+    rng.parent.mkdir(exist_ok=True)
+    with atomic_open(rng) as handle:
+        torch.save(_rng_state(), handle)
+    dist.barrier()
+    if rank0:
+        atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
+        write_resolved_config(cfg, tmp)
+        state = asdict(progress) | {
+            "optimizer_state": with_optimizer,
+            "scheduler": scheduler.state_dict(),
+            "layout": _layout(),
+            "world_size": dist.get_world_size(),
+            "seed": cfg.train.seed,
+            "time": time.time(),
+            **inputs,
+        }
+        atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")
+        _commit(tmp, final)
+        atomic_write_text(root / LATEST, name + "\n")
+        _prune(root, cfg.train.keep_checkpoints, keep=final)
+    dist.barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename the finished directory into place (replacing a stale one of the same step)."""
+    for directory in (tmp / "rng", tmp):
+        fsync_dir(directory)  # every entry is on disk before the rename publishes them
+    stale = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int | None, keep: Path) -> None:
+    if keep_last is None:
+        return
+    for old in _steps(root)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_interrupted_saves(out: str | Path) -> None:
+    """Delete temp directories of saves that never finished (rank 0, before training)."""
+    root = Path(out) / CHECKPOINTS
+    for tmp in root.glob(".step_*") if root.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights(ckpt: Path, chunks: list[GPTModel]) -> None:
+    """Load only the model weights of ``ckpt`` into this rank's chunks (any layout)."""
+    loaded = dist_checkpointing.load(_sharded_state(chunks, None, loading=True), str(ckpt))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
+
+
+def load_checkpoint(
+    ckpt: Path,
+    chunks: list[GPTModel],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+) -> Progress:
+    """Restore weights, optimizer, schedule position and (same layout only) RNG streams."""
+    state = read_train_state(ckpt)
+    optimizer_state = optimizer if state["optimizer_state"] else None
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer_state, True), str(ckpt))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        optimizer.reload_model_params()  # fp32 main weights from the loaded bf16 ones
+    scheduler.load_state_dict(state["scheduler"])
+    rng = _rng_file(ckpt)
+    if state["layout"] == _layout() and rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    elif dist.get_rank() == 0:
+        log.warning(
+            "resuming %s at layout %s (saved at %s): RNG streams (dropout) start afresh",
+            ckpt.name, _layout(), state["layout"],
+        )  # fmt: skip
+    return Progress(state["step"], state["consumed_samples"], state["consumed_tokens"])

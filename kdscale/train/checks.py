@@ -1,0 +1,179 @@
+"""Everything ``kdscale train`` and ``kdscale eval`` verify before any model is built.
+
+Cheap and local (manifests, config arithmetic, checkpoint metadata; no process group, no
+megatron), so a bad run fails in seconds with one line naming the field, the value and what
+would fit: the parallel layout, the batch split, the token set against the model, the cache
+against the tokens, the student and the loss, and a resumed run against what it was started on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdscale.cache.reader import Cache, open_cache
+from kdscale.cache.targets import SparseTargets
+from kdscale.config import KDLossConfig, KDScaleConfig, ModelConfig
+from kdscale.data.manifest import TokensManifest, load_tokens_manifest
+from kdscale.errors import KDScaleError
+from kdscale.logging import get_logger
+from kdscale.losses import check_cache_temperature
+from kdscale.losses.checks import check_call
+from kdscale.models.gpt import validate_layout
+from kdscale.train.checkpoint import (
+    check_architecture,
+    latest_checkpoint,
+    read_train_state,
+    resolve_checkpoint,
+)
+
+log = get_logger(__name__)
+
+# Cache header fields that change the targets a resumed run would see.
+_CACHE_IDENTITY = ("tokens_fingerprint", "teacher_fingerprint", "codec_fingerprint", "vocab_size")
+
+
+@dataclass
+class RunInputs:
+    """What a checked run trains on and where it starts from."""
+
+    tokens: TokensManifest
+    cache: Cache | None
+    world_size: int
+    data_parallel: int
+    resume_from: Path | None
+    init_from: Path | None
+
+    def fingerprints(self) -> dict[str, Any]:
+        """Identity of the inputs, recorded in every checkpoint and the W&B run config."""
+        cache = None
+        if self.cache is not None:
+            header = self.cache.manifest.header
+            cache = {field: getattr(header, field) for field in _CACHE_IDENTITY} | {
+                "tokenizer_fingerprint": header.tokenizer_fingerprint,
+                "teacher": header.teacher,
+                "codec": header.codec,
+                "manifest_fingerprint": self.cache.manifest.fingerprint,
+            }
+        return {"tokens_fingerprint": self.tokens.fingerprint, "cache": cache}
+
+
+def check_tokens(tokens_dir: str, model: ModelConfig, what: str) -> TokensManifest:
+    """The token set's manifest, refused if the model cannot read it."""
+    if not tokens_dir:
+        raise KDScaleError(f"{what}: required (a token directory made by `kdscale data`)")
+    tokens = load_tokens_manifest(tokens_dir)
+    if tokens.vocab_size > model.vocab_size:
+        raise KDScaleError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tokens.vocab_size} ids in {tokens_dir}"
+        )
+    if tokens.seq_len > model.max_position_embeddings:
+        raise KDScaleError(
+            f"model.max_position_embeddings={model.max_position_embeddings} is shorter than the "
+            f"samples of {tokens_dir} (seq_len {tokens.seq_len})"
+        )
+    return tokens
+
+
+def check_cache(
+    cache_dir: str,
+    tokens_dir: str,
+    tokens: TokensManifest,
+    model: ModelConfig,
+    loss: KDLossConfig,
+    teacher_fingerprint: str | None = None,
+) -> Cache:
+    """Open a cache, refusing one that does not belong to these tokens, this student's
+    vocabulary, the expected teacher, or the loss (temperature, target kind)."""
+    cache = open_cache(
+        cache_dir,
+        tokens_dir,
+        vocab_size=model.vocab_size,
+        tokenizer_fingerprint=tokens.tokenizer_fingerprint,
+        teacher_fingerprint=teacher_fingerprint,
+    )
+    check_cache_temperature(loss, cache.codec.temperature)
+    one = torch.zeros(1, 1, 1, dtype=torch.int64)
+    kind_only = SparseTargets(one, one.float(), one[..., 0].float(), cache.codec.kind)
+    check_call(one.float(), kind_only, one[..., 0], None, loss)  # objective vs target kind
+    return cache
+
+
+def _check_batch(cfg: KDScaleConfig, data_parallel: int) -> None:
+    train, pp = cfg.train, cfg.parallel.pipeline
+    per_step = train.micro_batch * data_parallel
+    if train.global_batch % per_step:
+        raise KDScaleError(
+            f"train.global_batch={train.global_batch} is not a multiple of train.micro_batch × "
+            f"data-parallel size = {train.micro_batch}×{data_parallel} = {per_step}"
+        )
+    micro_batches = train.global_batch // per_step
+    if cfg.parallel.virtual_pipeline and micro_batches % pp:
+        raise KDScaleError(
+            f"interleaved pipeline: {micro_batches} micro-batches per step (train.global_batch / "
+            f"(micro_batch × data-parallel size)) must be a multiple of parallel.pipeline={pp}"
+        )
+
+
+def _check_resume(ckpt: Path, cfg: KDScaleConfig, fingerprints: dict[str, Any]) -> None:
+    check_architecture(ckpt, cfg.model, "train.out")
+    saved = read_train_state(ckpt)
+    if saved["tokens_fingerprint"] != fingerprints["tokens_fingerprint"]:
+        raise KDScaleError(
+            f"train.tokens: {cfg.train.tokens} is not the token set the run in {cfg.train.out} "
+            "was trained on (its data position would be meaningless); start a new run with "
+            f"train.init={ckpt}"
+        )
+    before, now = saved["cache"], fingerprints["cache"]
+    if (before is None) != (now is None):
+        had = "with a cache" if before else "without a cache"
+        raise KDScaleError(
+            f"train.cache: the run in {cfg.train.out} was trained {had}; keep it that way or "
+            f"start a new run with train.init={ckpt}"
+        )
+    for field in _CACHE_IDENTITY if before else ():
+        if before[field] != now[field]:
+            raise KDScaleError(
+                f"train.cache: {field} is {now[field]!r}, the run in {cfg.train.out} was "
+                f"trained on {before[field]!r}; start a new run with train.init={ckpt}"
+            )
+
+
+def check_run(cfg: KDScaleConfig, world_size: int) -> RunInputs:
+    """Verify a training run before any work; raise KDScaleError naming the first problem."""
+    train = cfg.train
+    if not train.out:
+        raise KDScaleError("train.out: required (the run directory, e.g. --out runs/student)")
+    validate_layout(cfg.model, cfg.parallel, world_size)
+    data_parallel = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    _check_batch(cfg, data_parallel)
+    tokens = check_tokens(train.tokens, cfg.model, "train.tokens")
+    if not tokens.splits["train"].samples:
+        raise KDScaleError(f"train.tokens: {train.tokens} has no training samples")
+    cache = None
+    if train.cache:
+        cache = check_cache(
+            train.cache, train.tokens, tokens, cfg.model, cfg.loss, train.teacher_fingerprint
+        )
+        cache.shard_names("train")  # every training shard must be committed
+    elif cfg.loss.max_kd_weight() > 0:
+        log.warning("no train.cache: training with the LM loss only (loss.kd_weight is unused)")
+    resume = latest_checkpoint(train.out)
+    if resume is not None and train.resume == "never":
+        raise KDScaleError(
+            f"train.resume='never' but {train.out} already has checkpoints ({resume.name}); "
+            "choose a new train.out or set train.resume=auto"
+        )
+    if resume is None and train.resume == "required":
+        raise KDScaleError(f"train.resume='required' but {train.out} has no checkpoint")
+    inputs = RunInputs(tokens, cache, world_size, data_parallel, resume, None)
+    if resume is not None:
+        _check_resume(resume, cfg, inputs.fingerprints())
+    elif train.init:
+        inputs.init_from = resolve_checkpoint(train.init, "train.init")
+        check_architecture(inputs.init_from, cfg.model, "train.init")
+    return inputs

@@ -1,0 +1,127 @@
+"""Training metrics in one place: the FLOP count behind MFU, the cross-rank reduction, and the
+sinks (console, ``metrics.jsonl``, W&B) that rank 0 writes to.
+
+Metric names are namespaced (``loss/``, ``kd/``, ``optim/``, ``throughput/``, ``memory/``,
+``eval/``). ``metrics.jsonl`` holds one JSON object per logged step; a resumed run appends, so a
+step logged before a crash and redone after it appears twice (the later line is the one that
+counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from kdscale.config import ModelConfig
+from kdscale.logging import get_logger
+from kdscale.tracking import Tracker
+
+log = get_logger(__name__)
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward, no recompute).
+
+    Forward per token: 2 × (weights in every matmul: QKV, attention output, SwiGLU MLP, output
+    layer) + attention scores and values, 2 × 2 × seq_len × heads × head width per layer
+    (counted over the full square, as megatron-LM does).
+    """
+    h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
+    kv = model.kv_channels or h // heads
+    attention = h * (heads + 2 * groups) * kv + heads * kv * h
+    mlp = 3 * h * model.ffn_hidden_size
+    matmul = model.num_layers * (attention + mlp) + model.vocab_size * h
+    scores = model.num_layers * 2 * seq_len * heads * kv
+    return 3.0 * (2.0 * matmul + 2.0 * scores)
+
+
+def max_memory_gib() -> float:
+    """Peak memory of this process: allocated GPU memory, else the resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+def reports_loss() -> bool:
+    """Whether this rank contributes loss sums: the last pipeline stage, tensor rank 0
+    (the other tensor ranks hold the same values), one per data-parallel replica."""
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+def sum_to_all(values: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small float64 vector over every rank (one collective; a host sync)."""
+    values = values.to(torch.float64)
+    if torch.cuda.is_available():
+        values = values.cuda()
+    dist.all_reduce(values, op=op)
+    return values.cpu()
+
+
+class MetricsSink:
+    """Console, ``metrics.jsonl`` and W&B, written by rank 0 only."""
+
+    def __init__(self, out: Path, tracker: Tracker | None) -> None:
+        self.enabled = dist.get_rank() == 0
+        self.tracker = tracker
+        self.path = out / "metrics.jsonl"
+
+    def write(self, step: int, metrics: dict[str, float], line: str) -> None:
+        """Log one step's metrics everywhere."""
+        if not self.enabled:
+            return
+        log.info("step %d | %s", step, line)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}, allow_nan=True) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=step)
+
+    def close(self) -> None:
+        """Finish the W&B run."""
+        if self.enabled and self.tracker is not None:
+            self.tracker.finish()
+            sys.stdout.flush()
+
+
+def train_line(m: dict[str, float]) -> str:
+    """The console summary of a training log step."""
+    parts = [f"loss {m['loss/total']:.4f}", f"lm {m['loss/lm']:.4f}"]
+    if "loss/kd" in m:
+        parts += [
+            f"kd {m['loss/kd']:.4f}",
+            f"kl {m['kd/kl']:.4f}",
+            f"cover {m['kd/covered_mass']:.3f}",
+            f"α {m['kd/weight']:.2f}",
+        ]
+    parts += [
+        f"lr {m['optim/lr']:.3g}",
+        f"gnorm {m['optim/grad_norm']:.3f}",
+        f"{m['throughput/tokens_per_s']:,.0f} tok/s",
+        f"mfu {100 * m['throughput/mfu']:.2f}%",
+        f"mem {m['memory/max_gib']:.2f} GiB",
+    ]
+    return " | ".join(parts)
+
+
+def eval_line(m: dict[str, float]) -> str:
+    """The console summary of an evaluation."""
+    text = f"eval: {m['eval/tokens']:,.0f} tokens | lm {m['eval/lm_loss']:.4f}"
+    text += f" | ppl {m['eval/ppl']:.2f}"
+    if "eval/kl" in m:
+        text += f" | kl {m['eval/kl']:.4f}"
+    return text
+
+
+def perplexity(lm_loss: float) -> float:
+    """exp(lm_loss), inf when it overflows."""
+    return math.exp(lm_loss) if lm_loss < 700 else math.inf

@@ -1,0 +1,207 @@
+"""`kdscale submit --launcher slurm` against a real one-node SLURM (tools/slurm_local.sh).
+
+Rendering tests run everywhere. The cluster tests install slurm-wlm + munge with apt-get when
+missing and start slurmctld/slurmd on 127.0.0.1; they skip only where that cannot work (not
+root, or no apt-get and no SLURM). Jobs are followed by polling ``scontrol``, never ``--wait``
+of sbatch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdscale.cli import main
+from kdscale.launch import slurm
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = {
+    "data": {"inputs": ["stdlib:python/json"], "tokenizer": "smollm2-135m", "seq_len": 32,
+             "shard_samples": 64, "eval_fraction": 0.1},
+    "wandb": {"enabled": False},
+}
+# The job step a preemption test runs in place of python: it records each start and SIGTERM,
+# "checkpoints" on SIGTERM, and on a restart (SLURM_RESTART_COUNT >= 1) finishes at once.
+STAND_IN_STEP = """#!/bin/bash
+echo "start restart=${SLURM_RESTART_COUNT:-0} args=$*" >> "$STEP_LOG"
+if (( ${SLURM_RESTART_COUNT:-0} >= 1 )); then echo resumed >> "$STEP_LOG"; exit 0; fi
+sleep 300 & SLEEP=$!
+trap 'echo "checkpoint on TERM" >> "$STEP_LOG"; kill $SLEEP; exit 0' TERM
+wait $SLEEP
+"""
+
+
+def _recipe(tmp_path: Path, **data: object) -> Path:
+    tree = {**RECIPE, "data": {**RECIPE["data"], "out": str(tmp_path / "tokens"), **data}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _submit(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(["submit", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def test_dry_run_prints_a_preemption_safe_script_and_submits_nothing(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    status, out, _ = _submit(
+        capsys, str(recipe), "--launcher", "slurm", "--stage", "data", "--partition", "gpu",
+        "--time", "02:00:00", "--account", "proj", "--signal-seconds", "600", "--gpus-per-node", "4",
+        "--log-dir", str(tmp_path / "logs"), "--env", "HF_HOME=/shared/hf", "--dry-run",
+    )
+    assert status == 0
+    lines = out.splitlines()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@600", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=02:00:00", "#SBATCH --account=proj", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --nodes=1", "trap 'on_signal USR1' USR1", "trap 'on_signal TERM' TERM",
+                 "export HF_HOME=/shared/hf"):
+        assert line in lines, line
+    assert '    scontrol requeue "$SLURM_JOB_ID"' in lines
+    assert lines[-2].endswith(f"-m kdscale.cli data --config {recipe}")
+    assert lines[-2].startswith("run_step ")
+    assert "{{" not in out
+    assert not (tmp_path / "logs").exists()  # nothing written, nothing submitted
+
+
+def test_multi_node_templates(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    _, torchrun, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "train",
+                             "--nodes", "4", "--gpus-per-node", "8", "--dry-run")
+    assert '#SBATCH --nodes=4' in torchrun.splitlines()
+    assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)' in torchrun
+    assert "run_step srun --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks-per-node=1" in torchrun
+    assert "--nproc-per-node=8" in torchrun and '--rdzv-endpoint="$HEAD_NODE:$RDZV_PORT"' in torchrun
+    assert "-m kdscale.cli train --config" in torchrun
+
+    _, ray, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "cache",
+                        "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
+    assert "start --head --block" in ray and '--exclude="$HEAD_NODE"' in ray
+    assert 'cache --config ' in ray and '--set "cache.ray.address=$RAY_ADDRESS"' in ray
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "0"], "--nodes 0: must be >= 1"),
+        (["--time", "1-xx"], "--time '1-xx': expected minutes"),
+        (["--time", "5", "--signal-seconds", "300"], "not longer than --signal-seconds 300"),
+        (["--env", "1BAD=x"], "--env '1BAD=x': expected NAME=VALUE"),
+        (["--stage", "nope"], "argument --stage: invalid choice: 'nope'"),
+        (["--set", "data.seq_len=1"], "data.seq_len=1"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
+    status, out, err = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--dry-run", *flags)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("kdscale submit: error: ") and message in err
+
+
+def test_time_limit_formats():
+    assert [slurm.time_limit_seconds(t) for t in ("90", "10:30", "1:00:00", "2-3", "1-00:01", "0-0:0:7")] == [
+        5400, 630, 3600, 2 * 86400 + 3 * 3600, 86400 + 60, 7]
+
+
+# ---------------------------------------------------------------------------------- real SLURM
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running one-node SLURM (installed and started by tools/slurm_local.sh)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd needs root")
+    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    proc = subprocess.run([str(REPO / "tools" / "slurm_local.sh")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _step_log_says(path: Path, text: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text():
+            return path.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never said {text!r}: {path.read_text() if path.is_file() else '(absent)'}")
+
+
+def test_data_job_completes_and_writes_tokens(slurm_cluster, tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "data",
+                             "--time", "10", "--log-dir", str(tmp_path / "logs"))
+    assert status == 0
+    job_id = out.strip()
+    assert job_id.isdigit()
+    final = slurm.wait_job(job_id, timeout=300)
+    log = (tmp_path / "logs" / f"kdscale-data-recipe-{job_id}.out").read_text()
+    assert (final.state, final.exit_code) == ("COMPLETED", 0), log
+    assert (tmp_path / "tokens" / "manifest.json").is_file()
+    assert f"kdscale: job {job_id} on localhost (restart 0)" in log
+
+
+def test_failing_job_is_reported_failed_with_its_exit_code(slurm_cluster, tmp_path, capsys):
+    recipe = _recipe(tmp_path, inputs=[str(tmp_path / "no-such-input.txt")])
+    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "data",
+                             "--log-dir", str(tmp_path / "logs"), "--wait", "--timeout", "300")
+    job_id, summary = out.splitlines()
+    assert status == 1
+    assert summary.startswith("FAILED exit_code=2 ")  # `kdscale data` exits 2 on a missing input
+    final = slurm.job_status(job_id)
+    assert (final.state, final.exit_code, final.reason) == ("FAILED", 2, "NonZeroExitCode")
+    assert "kdscale data: error:" in (tmp_path / "logs" / f"kdscale-data-recipe-{job_id}.out").read_text()
+
+
+def _stand_in(tmp_path: Path) -> Path:
+    step = tmp_path / "step.sh"
+    step.write_text(STAND_IN_STEP)
+    step.chmod(0o755)
+    return step
+
+
+def test_cancel_forwards_sigterm_to_the_step(slurm_cluster, tmp_path, capsys):
+    step_log = tmp_path / "step.log"
+    _, out, _ = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage", "data",
+                        "--python", str(_stand_in(tmp_path)), "--env", f"STEP_LOG={step_log}",
+                        "--log-dir", str(tmp_path / "logs"))
+    job_id = out.strip()
+    _step_log_says(step_log, "start restart=0 args=-m kdscale.cli data --config")
+    slurm.cancel_job(job_id)
+    final = slurm.wait_job(job_id, timeout=60)
+    assert final.state == "CANCELLED"
+    assert "checkpoint on TERM" in _step_log_says(step_log, "checkpoint on TERM", timeout=30)
+
+
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, capsys):
+    """What SLURM does at --signal time, done now: USR1 to the batch shell only (B:)."""
+    step_log = tmp_path / "step.log"
+    _, out, _ = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage", "data",
+                        "--python", str(_stand_in(tmp_path)), "--env", f"STEP_LOG={step_log}",
+                        "--time", "30", "--log-dir", str(tmp_path / "logs"))
+    job_id = out.strip()
+    _step_log_says(step_log, "start restart=0")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    _step_log_says(step_log, "checkpoint on TERM")
+    requeued = slurm.wait_job(job_id, timeout=60, states=frozenset({"PENDING"}))
+    assert requeued.restarts == 1
+    # SLURM holds a requeued job back a while (BeginTime); let it start again now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    final = slurm.wait_job(job_id, timeout=120)
+    assert (final.state, final.exit_code) == ("COMPLETED", 0)
+    assert _step_log_says(step_log, "resumed").splitlines() == [
+        f"start restart=0 args=-m kdscale.cli data --config {tmp_path / 'recipe.yaml'}",
+        "checkpoint on TERM",
+        f"start restart=1 args=-m kdscale.cli data --config {tmp_path / 'recipe.yaml'}",
+        "resumed",
+    ]
+    log = (tmp_path / "logs" / f"kdscale-data-recipe-{job_id}.out").read_text()
+    assert "kdscale: SIGUSR1" in log and f"requeueing job {job_id}" in log and "(restart 1)" in log
