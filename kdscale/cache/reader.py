@@ -11,13 +11,11 @@ checks that every cache member has the key of the token sample beside it.
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from kdscale.cache.codec import decode
 from kdscale.cache.manifest import CacheManifest, load_cache_manifest
@@ -25,9 +23,8 @@ from kdscale.cache.targets import SparseTargets
 from kdscale.cache.writer import TARGETS_MEMBER
 from kdscale.config.cache import CodecConfig
 from kdscale.data.manifest import TokensManifest, load_tokens_manifest
-from kdscale.data.shards import iter_token_shard
+from kdscale.data.shards import iter_shard_members, iter_token_shard
 from kdscale.errors import KDScaleError
-from kdscale.io import sha256_file
 
 
 def _check(field: str, cache_value: object, expected: object, cache_dir: str | Path) -> None:
@@ -40,21 +37,7 @@ def _check(field: str, cache_value: object, expected: object, cache_dir: str | P
 
 def iter_cache_members(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, bytes]]:
     """``(key, codec blob)`` of one cache shard in stored order; damage raises naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise KDScaleError(f"cache shard {str(path)!r} is missing")
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise KDScaleError(f"cache shard {str(path)!r} is corrupt: sha256 differs from the manifest")
-    try:
-        dataset = wds.WebDataset(
-            str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-        )
-        for sample in dataset:
-            if TARGETS_MEMBER not in sample:
-                raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {TARGETS_MEMBER} member")
-            yield sample["__key__"], sample[TARGETS_MEMBER]
-    except (ValueError, OSError, EOFError, tarfile.TarError) as exc:
-        raise KDScaleError(f"{path}: damaged cache shard ({type(exc).__name__}: {exc})") from None
+    return iter_shard_members(path, TARGETS_MEMBER, "cache shard", sha256)
 
 
 @dataclass

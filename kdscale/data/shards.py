@@ -13,6 +13,7 @@ import io
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -83,25 +84,32 @@ class TokenShardWriter:
         return self.records
 
 
-def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of one token shard in stored order.
+def iter_shard_members(
+    path: str | Path, member: str, what: str, sha256: str | None = None, decode: bool = False
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(key, member)`` of one webdataset shard in stored order (``decode``: .npy → array).
 
     A missing or structurally damaged shard raises :class:`KDScaleError` naming the file; with
-    ``sha256`` (from the manifest) any changed byte is caught before a sample is read.
+    ``sha256`` (from a manifest) any changed byte is caught before a sample is read.
     """
     path = Path(path)
     if not path.is_file():
-        raise KDScaleError(f"token shard {str(path)!r} is missing")
+        raise KDScaleError(f"{what} {str(path)!r} is missing")
     if sha256 is not None and sha256_file(path) != sha256:
-        raise KDScaleError(f"token shard {str(path)!r} is corrupt: sha256 differs from the manifest")
+        raise KDScaleError(f"{what} {str(path)!r} is corrupt: sha256 differs from the manifest")
     # One named shard is read whole, whatever the rank or worker: no node/worker splitting.
     dataset = wds.WebDataset(
         str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-    ).decode()
+    )
     try:
-        for sample in dataset:
-            if TOKENS_MEMBER not in sample:
-                raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {TOKENS_MEMBER}")
-            yield sample["__key__"], sample[TOKENS_MEMBER]
+        for sample in dataset.decode() if decode else dataset:
+            if member not in sample:
+                raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {member} member")
+            yield sample["__key__"], sample[member]
     except (ValueError, OSError, EOFError, tarfile.TarError) as exc:
-        raise KDScaleError(f"{path}: damaged token shard ({type(exc).__name__}: {exc})") from None
+        raise KDScaleError(f"{path}: damaged {what} ({type(exc).__name__}: {exc})") from None
+
+
+def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, tokens)`` of one token shard in stored order (see :func:`iter_shard_members`)."""
+    return iter_shard_members(path, TOKENS_MEMBER, "token shard", sha256, decode=True)
