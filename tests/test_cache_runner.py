@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from helpers_cache import make_cache, make_tiny_teacher, make_tokens
-from kdscale.cache.inspect import main as inspect_main
 from kdscale.cache.manifest import load_cache_manifest
 from kdscale.cache.reader import open_cache
 from kdscale.cache.writer import ShardTask, write_cache_shard

@@ -72,7 +72,7 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _ray_session(cache: CacheConfig, out: Path) -> Iterator[None]:
+def _ray_session(cache: CacheConfig) -> Iterator[None]:
     """Attach to ``cache.ray.address`` or start a local Ray instance for this run."""
     import ray
 
@@ -192,7 +192,7 @@ def run(cfg: KDScaleConfig) -> int:
         if cache.restart:
             _discard(out)
         _remove_stale_temps(out)
-        with _ray_session(cache, out):
+        with _ray_session(cache):
             _cache_with_ray(cfg, tokens, out, existing)
         _remove_stale_temps(out)  # left by actors that died mid-shard and were retried
     return 0
@@ -213,6 +213,8 @@ def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, exist
     actors = [remote.remote(cache.model_dump(mode="json"), threads) for _ in range(cache.ray.actors)]
     described = ray.get([a.describe.remote() for a in actors])
     teacher = described[0]
+    if any(d != teacher for d in described[1:]):  # e.g. nodes that see different model files
+        raise KDScaleError(f"teacher_fingerprint: the {len(actors)} actors loaded different teachers: {described}")
     if teacher["vocab_size"] < tokens.vocab_size:
         raise KDScaleError(
             f"vocab_size: teacher has {teacher['vocab_size']} logits, tokens use {tokens.vocab_size} ids"
