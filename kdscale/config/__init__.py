@@ -20,6 +20,7 @@ from kdscale.config.loss import KDLossConfig
 from kdscale.config.model import ModelConfig
 from kdscale.config.parallel import ParallelConfig
 from kdscale.config.prune import PruneConfig, PruneSearch, PruneTarget
+from kdscale.config.recipe import RECIPE_STAGES, RecipeConfig
 from kdscale.config.tracking import WandbConfig
 from kdscale.config.train import TrainConfig
 
@@ -35,6 +36,7 @@ class KDScaleConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="W&B monitoring.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="Structured pruning.")
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig, description="`kdscale run` stages.")
 
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "PruneConfig",
     "PruneSearch",
     "PruneTarget",
+    "RECIPE_STAGES",
+    "RecipeConfig",
     "Section",
     "TrainConfig",
     "WandbConfig",

@@ -6,6 +6,12 @@ from pydantic import Field, model_validator
 
 from kdscale.config.base import Section
 
+# Model fields that change the tensors a checkpoint holds (numerics and dropout may differ).
+ARCHITECTURE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "vocab_size", "tie_embeddings",
+)  # fmt: skip
+
 
 class ModelConfig(Section):
     """Architecture and numerics of a megatron-core GPT student (or teacher)."""

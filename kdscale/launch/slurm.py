@@ -45,9 +45,10 @@ class JobCommand:
 
 
 def job_command(recipe: str, stage: str, overrides: tuple[str, ...] = (), python: str = "python") -> JobCommand:
-    """The kdscale command a job runs for ``recipe`` (switch to ``kdscale run`` here, in one line)."""
+    """The kdscale command a job runs: ``kdscale run RECIPE`` or one stage of ``recipe``."""
     sets = [arg for text in overrides for arg in ("--set", text)]
-    return JobCommand(python, ("-m", "kdscale.cli", stage, "--config", recipe, *sets))
+    source = (recipe,) if stage == "run" else ("--config", recipe)
+    return JobCommand(python, ("-m", "kdscale.cli", stage, *source, *sets))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""``kdscale submit``: run a recipe's stage as a SLURM batch job or a Ray job.
+"""``kdscale submit``: run a recipe (or one of its stages) as a SLURM batch job or a Ray job.
 
+    kdscale submit recipe.yaml --launcher slurm --time 04:00:00   # `kdscale run recipe.yaml`
     kdscale submit recipe.yaml --launcher slurm --stage train --nodes 2 --gpus-per-node 8 \\
         --partition gpu --time 04:00:00 --account proj            # prints the SLURM job id
     kdscale submit recipe.yaml --launcher slurm --stage train --dry-run   # prints the script
@@ -34,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 def _stages() -> list[str]:
     from kdscale.cli import STAGES
 
-    return list(STAGES)
+    return ["run", *STAGES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdscale submit", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML (validated before submission)")
     p.add_argument("--launcher", required=True, choices=["slurm", "ray"])
-    p.add_argument("--stage", default="train", choices=_stages(), help="stage the job runs")
+    p.add_argument("--stage", default="run", choices=_stages(),
+                   help="what the job runs: the whole recipe (`kdscale run`, default) or one stage")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="config override passed to the job (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -82,10 +84,19 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def _validate_recipe(recipe: Path, overrides: list[str]) -> None:
+def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:
     from kdscale.config import load_config
 
-    load_config([str(recipe)], overrides)
+    cfg = load_config([str(recipe)], args.overrides)
+    if args.stage == "run":
+        from kdscale.recipe.plan import wire
+
+        wire(cfg)  # the recipe's stages and paths fit together
+        if args.launcher == "slurm" and args.nodes > 1:
+            raise KDScaleError(
+                "--nodes > 1 runs one stage on every node: pass --stage train (torchrun per node) "
+                "or --stage cache (a Ray cluster over the nodes); run the rest with one node"
+            )
 
 
 def submit_slurm(args: argparse.Namespace, recipe: Path) -> int:
@@ -141,7 +152,7 @@ def main(argv: list[str]) -> int:
     """``kdscale submit`` entry point (user errors raise KDScaleError: one line, exit 2)."""
     args = build_parser().parse_args(argv)
     recipe = Path(args.recipe).resolve()
-    _validate_recipe(recipe, args.overrides)
+    _validate_recipe(recipe, args)
     if args.launcher == "slurm":
         return submit_slurm(args, recipe)
     return submit_ray(args, recipe)

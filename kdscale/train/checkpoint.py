@@ -36,6 +36,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kdscale.config import KDScaleConfig, ModelConfig, write_resolved_config
+from kdscale.config.model import ARCHITECTURE_FIELDS
 from kdscale.errors import KDScaleError
 from kdscale.io import atomic_open, atomic_write_text, fsync_dir
 from kdscale.logging import get_logger
@@ -51,11 +52,6 @@ _OPTIMIZER_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
 }
-# Model fields that change the tensors a checkpoint holds (numerics and dropout may differ).
-_ARCHITECTURE = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "tie_embeddings",
-)  # fmt: skip
 
 
 @dataclass
@@ -124,7 +120,7 @@ def check_architecture(ckpt: Path, model: ModelConfig, what: str) -> None:
     saved = read_model_config(ckpt)
     diffs = [
         f"model.{f}={getattr(model, f)!r} (checkpoint: {getattr(saved, f)!r})"
-        for f in _ARCHITECTURE
+        for f in ARCHITECTURE_FIELDS
         if getattr(model, f) != getattr(saved, f)
     ]
     if diffs:

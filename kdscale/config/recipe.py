@@ -1,0 +1,45 @@
+"""``recipe`` section: which stages ``kdscale run`` chains, and where their outputs go."""
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from kdscale.config.base import Section
+
+# Every stage `kdscale run` knows, in the only order they can run.
+RECIPE_STAGES = ("data", "teacher", "prune", "cache", "train", "baseline", "export", "report")
+RecipeStage = Literal["data", "teacher", "prune", "cache", "train", "baseline", "export", "report"]
+
+
+class RecipeConfig(Section):
+    """A recipe run: its stages in order, each writing ``out/<stage output>``.
+
+    Stage inputs and outputs left empty in the other sections are wired here: ``data`` writes
+    ``out/tokens``; ``teacher`` imports ``recipe.teacher`` into ``out/teacher``; ``prune`` cuts
+    it to ``out/pruned``; ``cache`` runs the teacher into ``out/cache``; ``train`` distills the
+    pruned model (when pruned) into ``out/student``; ``baseline`` trains the same student with
+    the LM loss only into ``out/baseline``; ``export`` writes ``out/hf``; ``report`` evaluates
+    everything on the held-out split into ``out/report``.
+    """
+
+    name: str = Field("", description="Recipe name (the W&B group is NAME-<run id>).")
+    out: str = Field("", description="Root directory of the recipe run's outputs.")
+    stages: list[RecipeStage] = Field(
+        default_factory=lambda: ["data", "cache", "train", "export"],
+        description=f"Stages to run, a subsequence of {', '.join(RECIPE_STAGES)}.",
+    )
+    teacher: str = Field(
+        "",
+        description="Teacher HF directory or fixture name: what `teacher` imports for pruning "
+        "and, unless cache.teacher.model is set, what the cache runs.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _in_order(cls, stages: list[str]) -> list[str]:
+        if not stages:
+            raise ValueError("name at least one stage")
+        positions = [RECIPE_STAGES.index(s) for s in stages]
+        if positions != sorted(set(positions)):
+            raise ValueError(f"stages must be distinct and in the order {', '.join(RECIPE_STAGES)}")
+        return stages

@@ -1,0 +1,1 @@
+"""`kdscale run`: recipes that chain the stages (plan, stages, lineage, report, runner)."""

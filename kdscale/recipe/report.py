@@ -1,0 +1,146 @@
+"""The ``report`` stage: every model of the recipe on the same held-out tokens, side by side.
+
+Rows (those the recipe made): the teacher, the pruned student before distillation, the
+distilled student and the student trained with the LM loss only (``baseline``: same init,
+tokens and steps). Columns: parameters, held-out LM loss, perplexity, KL to the teacher where
+the eval split is cached. Writes ``report.json``, ``report.md`` (the printed table) and
+``curves.png`` (training and held-out loss per step of the trained runs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from kdscale.config import KDScaleConfig, ParallelConfig
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_write_bytes, atomic_write_text
+from kdscale.logging import get_logger
+from kdscale.recipe.stages import baseline_dir, report_dir, teacher_dir
+
+log = get_logger(__name__)
+
+
+def _models(cfg: KDScaleConfig) -> list[tuple[str, Path]]:
+    stages = cfg.recipe.stages
+    rows = []
+    if "teacher" in stages:
+        rows.append(("teacher", teacher_dir(cfg)))
+    if "prune" in stages:
+        rows.append(("pruned, before distillation", Path(cfg.prune.out)))
+    if "train" in stages:
+        rows.append(("distilled student" if cfg.train.cache else "student", Path(cfg.train.out)))
+    if "baseline" in stages:
+        rows.append(("student, LM loss only (no KD)", baseline_dir(cfg)))
+    return rows
+
+
+def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
+    """Held-out metrics of every model of the recipe, on the same samples (one rank)."""
+    from kdscale.models import count_parameters
+    from kdscale.train.checkpoint import read_model_config, read_train_state, resolve_checkpoint
+    from kdscale.train.checks import check_cache, check_tokens
+    from kdscale.train.distributed import destroy_parallel, initialize_parallel
+    from kdscale.train.evaluate import evaluate_checkpoint
+    from kdscale.train.samples import SampleStore
+
+    rows = []
+    for label, path in _models(cfg):
+        ckpt = resolve_checkpoint(path, label)
+        model = read_model_config(ckpt)
+        tokens = check_tokens(cfg.train.tokens, model, "train.tokens")
+        cache = None
+        if cfg.train.cache:
+            cache = check_cache(cfg.train.cache, cfg.train.tokens, tokens, model, cfg.loss)
+            try:
+                cache.shard_names("eval")
+            except KDScaleError:
+                cache = None  # the eval split is not cached: no KL column
+        store = SampleStore(cfg.train.tokens, tokens, "eval", cache)
+        initialize_parallel(ParallelConfig(), seed=0)
+        try:
+            result = evaluate_checkpoint(
+                ckpt, model, ParallelConfig(), cfg.loss, store, limit=len(store),
+                micro_batch=cfg.train.micro_batch, seq_len=tokens.seq_len,
+            )  # fmt: skip
+        finally:
+            destroy_parallel()
+            store.close()
+        rows.append({"model": label, "path": str(path), "step": read_train_state(ckpt)["step"],
+                     "parameters": count_parameters(model), **result.as_dict()})  # fmt: skip
+        log.info("%s: %s", label, json.dumps(rows[-1]))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| model | parameters | steps | held-out LM loss | perplexity | KL to teacher |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        kl = f"{row['kl']:.3f}" if "kl" in row else "–"
+        lines.append(
+            f"| {row['model']} | {row['parameters'] / 1e6:.1f}M | {row['step']} | "
+            f"{row['lm_loss']:.3f} | {row['ppl']:.1f} | {kl} |"
+        )
+    return "\n".join(lines)
+
+
+def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {"loss/lm": [], "eval/lm_loss": []}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        for key, points in series.items():
+            if key in record:
+                points.append((record["step"], record[key]))
+    return series
+
+
+def curves_png(cfg: KDScaleConfig, rows: list[dict[str, Any]]) -> bytes:
+    """Training LM loss and held-out LM loss per step of the trained runs, with the teacher's
+    and the pruned model's held-out loss as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for row in rows:
+        path = Path(row["path"])
+        if not (path / "metrics.jsonl").is_file():  # teacher, pruned: one held-out figure
+            style = "--" if row["model"] == "teacher" else ":"
+            eval_ax.axhline(row["lm_loss"], linestyle=style, color="grey", label=row["model"])
+            continue
+        series = _curves(path)
+        for ax, key in ((train_ax, "loss/lm"), (eval_ax, "eval/lm_loss")):
+            if series[key]:
+                steps, values = zip(*series[key])
+                ax.plot(steps, values, marker="." if ax is eval_ax else None, label=row["model"])
+    train_ax.set(title="training LM loss", xlabel="step", ylabel="nats/token")
+    eval_ax.set(title="held-out LM loss", xlabel="step")
+    train_ax.legend(fontsize=8)
+    eval_ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg.recipe.name or 'recipe'}: distillation vs LM loss only")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(cfg: KDScaleConfig) -> list[dict[str, Any]]:
+    """Evaluate, write report.json / report.md / curves.png, print the table."""
+    rows = evaluate_models(cfg)
+    table = format_table(rows)
+    out = report_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "curves.png", curves_png(cfg, rows))
+    atomic_write_text(out / "report.md", table + "\n")
+    atomic_write_text(out / "report.json", json.dumps({"rows": rows}, indent=2) + "\n")
+    print(table, flush=True)
+    print(f"curves: {out / 'curves.png'}", flush=True)
+    return rows
