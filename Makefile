@@ -21,12 +21,9 @@ $(STAMP): setup.py
 		|| { echo "transformer-engine is installed in $(VENV): it breaks megatron-core on CPU; remove it"; exit 1; }
 	@touch $@
 
+# The whole pipeline as one recipe; run again, it skips every finished stage.
 demo: install
-	$(BIN)/kdscale data --config configs/quickstart.yaml
-	$(BIN)/kdscale cache --config configs/quickstart.yaml
-	$(BIN)/kdscale inspect-cache runs/quickstart/cache
-	$(BIN)/kdscale train --config configs/quickstart.yaml
-	$(BIN)/kdscale eval runs/quickstart/student --data runs/quickstart/tokens --cache runs/quickstart/cache
+	$(BIN)/kdscale run configs/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -38,7 +38,8 @@ wait $SLEEP
 
 
 def _recipe(tmp_path: Path, **data: object) -> Path:
-    tree = {**RECIPE, "data": {**RECIPE["data"], "out": str(tmp_path / "tokens"), **data}}
+    tree = {**RECIPE, "data": {**RECIPE["data"], "out": str(tmp_path / "tokens"), **data},
+            "recipe": {"out": str(tmp_path / "run"), "stages": ["data"]}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -72,6 +73,16 @@ def test_dry_run_prints_a_preemption_safe_script_and_submits_nothing(tmp_path, c
     assert lines[-2].startswith("run_step ")
     assert "{{" not in out
     assert not (tmp_path / "logs").exists()  # nothing written, nothing submitted
+
+
+def test_the_default_job_runs_the_whole_recipe(tmp_path, capsys):
+    recipe = REPO / "configs" / "llama31-8b-to-4b-minitron-width.yaml"
+    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--gpus-per-node", "8",
+                             "--dry-run")
+    assert status == 0
+    assert out.splitlines()[-2].endswith(f"-m kdscale.cli run {recipe}")
+    status, out, err = _submit(capsys, str(recipe), "--launcher", "slurm", "--nodes", "2", "--dry-run")
+    assert status == 2 and "--nodes > 1 runs one stage on every node" in err
 
 
 def test_multi_node_templates(tmp_path, capsys):
@@ -135,18 +146,30 @@ def _step_log_says(path: Path, text: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"{path} never said {text!r}: {path.read_text() if path.is_file() else '(absent)'}")
 
 
-def test_data_job_completes_and_writes_tokens(slurm_cluster, tmp_path, capsys):
-    recipe = _recipe(tmp_path)
-    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "data",
-                             "--time", "10", "--log-dir", str(tmp_path / "logs"))
+def test_recipe_job_distills_a_student(slurm_cluster, tmp_path, capsys, tiny_tokens_dir, tiny_teacher_dir):
+    """The default job is `kdscale run RECIPE`: here cache → train (2 steps) → export."""
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "recipe": {"name": "slurm", "out": str(tmp_path / "run"), "teacher": str(tiny_teacher_dir),
+                   "stages": ["cache", "train", "export"]},
+        "data": {"out": str(tiny_tokens_dir)},
+        "cache": {"ray": {"num_cpus": 2}, "codec": {"k": 8}},
+        "model": {"num_layers": 1, "hidden_size": 32, "ffn_hidden_size": 64, "vocab_size": 49152},
+        "train": {"steps": 2, "global_batch": 4, "micro_batch": 2},
+        "wandb": {"enabled": False},
+    }))  # fmt: skip
+    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--time", "10",
+                             "--log-dir", str(tmp_path / "logs"))
     assert status == 0
     job_id = out.strip()
     assert job_id.isdigit()
-    final = slurm.wait_job(job_id, timeout=300)
-    log = (tmp_path / "logs" / f"kdscale-data-recipe-{job_id}.out").read_text()
+    final = slurm.wait_job(job_id, timeout=600)
+    log = (tmp_path / "logs" / f"kdscale-run-distill-{job_id}.out").read_text()
     assert (final.state, final.exit_code) == ("COMPLETED", 0), log
-    assert (tmp_path / "tokens" / "manifest.json").is_file()
     assert f"kdscale: job {job_id} on localhost (restart 0)" in log
+    assert "recipe slurm: all 3 stages complete" in log
+    assert (tmp_path / "run" / "student" / "checkpoints" / "step_000000002" / "train_state.json").is_file()
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
 
 def test_failing_job_is_reported_failed_with_its_exit_code(slurm_cluster, tmp_path, capsys):

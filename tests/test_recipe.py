@@ -91,6 +91,20 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, recipe, message):
     assert err.count("\n") == 1 and err.startswith("kdscale run: error: ") and message in err
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.global_batch=250"], "train.global_batch=250 is not a multiple of train.micro_batch"),
+        (["loss.divergence=jsd"], "loss.divergence='jsd', loss.missing_mass='zero' on 'sampled'"),
+    ],
+)
+def test_dry_run_checks_training_against_layout_and_cache(tmp_path, capsys, sets, message):
+    recipe = REPO / "configs" / "llama31-8b-to-4b-minitron-width.yaml"
+    argv = [str(recipe), "--dry-run", "--set", f"recipe.out={tmp_path}"]
+    status, out, err = _run(capsys, *argv, *[a for s in sets for a in ("--set", s)])
+    assert status == 2 and out == "" and message in err
+
+
 def _recipes() -> list[Path]:
     return [p for p in sorted((REPO / "configs").glob("*.yaml")) if "recipe" in yaml.safe_load(p.read_text())]
 

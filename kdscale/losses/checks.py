@@ -51,7 +51,12 @@ def check_call(
         raise KDScaleError(
             f"kd_lm_loss: loss_mask {tuple(loss_mask_BS.shape)} must be [B, S] = {(batch, seq)}"
         )
-    if targets.kind == "sampled" and (cfg.divergence != "fkl" or cfg.missing_mass == "renorm"):
+    check_target_kind(targets.kind, cfg)
+
+
+def check_target_kind(kind: str, cfg: KDLossConfig) -> None:
+    """Refuse an objective that is wrong for targets of this kind (topk, topp, sampled)."""
+    if kind == "sampled" and (cfg.divergence != "fkl" or cfg.missing_mass == "renorm"):
         raise KDScaleError(
             f"loss.divergence={cfg.divergence!r}, loss.missing_mass={cfg.missing_mass!r} on "
             "'sampled' targets: only forward KL with missing_mass 'tail' or 'zero' (cross-entropy "

@@ -57,6 +57,19 @@ def _check_paths(cfg: KDScaleConfig) -> None:
         raise KDScaleError("recipe.stages exports or reports without 'train': set train.out")
 
 
+def _check_training(cfg: KDScaleConfig) -> None:
+    """What can be checked of the training stages without their inputs: the batch split over
+    the local ranks, and the loss against the kind of targets the cache will hold."""
+    from kdscale.losses.checks import check_target_kind
+    from kdscale.train.checks import check_batch
+
+    ranks, parallel = cfg.train.nproc_per_node, cfg.parallel
+    if ranks % (parallel.tensor * parallel.pipeline) == 0:
+        check_batch(cfg, ranks // (parallel.tensor * parallel.pipeline))
+    if "cache" in cfg.recipe.stages:
+        check_target_kind(cfg.cache.codec.kind, cfg.loss)
+
+
 def wire(cfg: KDScaleConfig) -> KDScaleConfig:
     """Fill every stage input and output left unset from ``recipe.out`` and the stages before it
     (a value set in the recipe wins), and put every stage's W&B run in one directory."""
@@ -92,7 +105,10 @@ def wire(cfg: KDScaleConfig) -> KDScaleConfig:
     fill("train.init", tree["prune"]["out"], "prune" in stages)
     fill("train.out", str(root / "student"))
     fill("wandb.dir", str(root))
-    return KDScaleConfig.model_validate(tree)
+    wired = KDScaleConfig.model_validate(tree)
+    if stages & {"train", "baseline"}:
+        _check_training(wired)
+    return wired
 
 
 def _pick(tree: dict[str, Any], dotted: str) -> Any:

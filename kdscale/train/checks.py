@@ -103,7 +103,8 @@ def check_cache(
     return cache
 
 
-def _check_batch(cfg: KDScaleConfig, data_parallel: int) -> None:
+def check_batch(cfg: KDScaleConfig, data_parallel: int) -> None:
+    """Refuse a global batch that micro-batches × data-parallel ranks do not divide."""
     train, pp = cfg.train, cfg.parallel.pipeline
     per_step = train.micro_batch * data_parallel
     if train.global_batch % per_step:
@@ -150,7 +151,7 @@ def check_run(cfg: KDScaleConfig, world_size: int) -> RunInputs:
         raise KDScaleError("train.out: required (the run directory, e.g. --out runs/student)")
     validate_layout(cfg.model, cfg.parallel, world_size)
     data_parallel = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    _check_batch(cfg, data_parallel)
+    check_batch(cfg, data_parallel)
     tokens = check_tokens(train.tokens, cfg.model, "train.tokens")
     if not tokens.splits["train"].samples:
         raise KDScaleError(f"train.tokens: {train.tokens} has no training samples")
