@@ -122,6 +122,14 @@ def test_failing_ray_job_is_reported_failed(ray_head, tmp_path, tiny_teacher_dir
     assert "kdscale cache: error:" in out
 
 
+def test_ray_jobs_refuse_relative_outputs(tmp_path, tiny_teacher_dir, capsys):
+    recipe = _recipe(tmp_path, tmp_path, tiny_teacher_dir, "auto")
+    status = main(["submit", str(recipe), "--launcher", "ray", "--stage", "cache",
+                   "--address", "http://127.0.0.1:1", "--set", "cache.out=runs/cache"])
+    err = capsys.readouterr().err
+    assert status == 2 and "cache.out=runs/cache: a Ray job runs in a temporary copy" in err
+
+
 def test_ray_launcher_needs_an_address(tmp_path, tiny_teacher_dir, capsys):
     recipe = _recipe(tmp_path, tmp_path, tiny_teacher_dir, "auto")
     assert main(["submit", str(recipe), "--launcher", "ray", "--stage", "cache"]) == 2

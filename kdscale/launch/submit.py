@@ -17,7 +17,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kdscale.errors import KDScaleError
 from kdscale.launch import ray_jobs, slurm
@@ -84,6 +84,27 @@ def _env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+# Per stage, the config keys naming directories the job reads or writes.
+_STAGE_PATHS = {
+    "run": ("recipe.out", "data.out"),
+    "data": ("data.out",),
+    "cache": ("cache.tokens", "cache.out"),
+    "train": ("train.tokens", "train.cache", "train.out"),
+    "prune": ("prune.model", "prune.tokens", "prune.out"),
+}
+
+
+def _relative_paths(cfg: Any, stage: str) -> list[str]:
+    found = []
+    for dotted in _STAGE_PATHS[stage]:
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value and not Path(value).is_absolute():
+            found.append(f"{dotted}={value}")
+    return found
+
+
 def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:
     from kdscale.config import load_config
 
@@ -92,6 +113,13 @@ def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:
         from kdscale.recipe.plan import wire
 
         wire(cfg)  # the recipe's stages and paths fit together
+    relative = _relative_paths(cfg, args.stage) if args.launcher == "ray" else []
+    if relative:
+        raise KDScaleError(
+            f"{', '.join(relative)}: a Ray job runs in a temporary copy of its working directory, "
+            "so relative outputs would be lost with it; use absolute paths on storage every "
+            "node shares"
+        )
         if args.launcher == "slurm" and args.nodes > 1:
             raise KDScaleError(
                 "--nodes > 1 runs one stage on every node: pass --stage train (torchrun per node) "

@@ -37,6 +37,13 @@ def _models(cfg: KDScaleConfig) -> list[tuple[str, Path]]:
     return rows
 
 
+def _eval_limit(cfg: KDScaleConfig, available: int) -> int:
+    """Held-out samples evaluated: ``train.eval_batches`` global batches, as in training."""
+    if cfg.train.eval_batches is None:
+        return available
+    return min(available, cfg.train.eval_batches * cfg.train.global_batch)
+
+
 def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
     """Held-out metrics of every model of the recipe, on the same samples (one rank)."""
     from kdscale.models import count_parameters
@@ -62,7 +69,7 @@ def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
         initialize_parallel(ParallelConfig(), seed=0)
         try:
             result = evaluate_checkpoint(
-                ckpt, model, ParallelConfig(), cfg.loss, store, limit=len(store),
+                ckpt, model, ParallelConfig(), cfg.loss, store, limit=_eval_limit(cfg, len(store)),
                 micro_batch=cfg.train.micro_batch, seq_len=tokens.seq_len,
             )  # fmt: skip
         finally:
