@@ -130,7 +130,7 @@ def curves_png(cfg: KDScaleConfig, rows: list[dict[str, Any]]) -> bytes:
     train_ax.set(title="training LM loss", xlabel="step", ylabel="nats/token")
     eval_ax.set(title="held-out LM loss", xlabel="step")
     train_ax.legend(fontsize=8)
-    eval_ax.legend(fontsize=8)
+    eval_ax.legend(fontsize=8, loc="center right")
     fig.suptitle(f"{cfg.recipe.name or 'recipe'}: distillation vs LM loss only")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -149,5 +149,12 @@ def write_report(cfg: KDScaleConfig) -> list[dict[str, Any]]:
     atomic_write_text(out / "report.md", table + "\n")
     atomic_write_text(out / "report.json", json.dumps({"rows": rows}, indent=2) + "\n")
     print(table, flush=True)
+    by_name = {row["model"]: row for row in rows}
+    kd, lm_only = by_name.get("distilled student"), by_name.get("student, LM loss only (no KD)")
+    if kd and lm_only:
+        gain = lm_only["lm_loss"] - kd["lm_loss"]
+        print(f"distillation vs LM loss only, same student, tokens and steps: held-out LM loss "
+              f"{kd['lm_loss']:.3f} vs {lm_only['lm_loss']:.3f} ({gain:+.3f} nats in favour of "
+              "distillation)", flush=True)  # fmt: skip
     print(f"curves: {out / 'curves.png'}", flush=True)
     return rows
