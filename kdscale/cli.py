@@ -74,7 +74,8 @@ STAGES: dict[str, Stage] = {
         ),
     ),
     "train": Stage(
-        "Train the megatron-core student (TP×PP×DP) on token shards, with cached-target KD.",
+        "Train the student on token shards with cached-target KD: megatron-core (TP×PP×DP) or, "
+        "with train.engine=deepspeed, an HF model under DeepSpeed ZeRO.",
         "kdscale.train.stage:run",
         (
             Shorthand("--tokens", "train.tokens", "token-shard directory"),

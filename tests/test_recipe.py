@@ -235,3 +235,15 @@ def test_changed_config_refuses_then_force_reruns_that_stage_and_later(recipe_ru
     rows = json.loads((root / "report" / "report.json").read_text())["rows"]
     assert [r["step"] for r in rows] == [0, 0, 4, 4]
     assert os.path.isdir(root / "student" / "checkpoints" / "step_000000004")
+
+
+def test_deepspeed_engine_starts_from_the_pruned_model(tmp_path, capsys):
+    from kdscale.config import load_config
+    from kdscale.recipe.plan import wire
+
+    recipe = _recipe(tmp_path, "smollm2-135m", stages=["data", "teacher", "prune", "cache", "train"])
+    cfg = wire(load_config([str(recipe)], ["train.engine=deepspeed"]))
+    assert cfg.train.deepspeed.model == str(tmp_path / "run" / "pruned") and cfg.train.init is None
+    status, _, err = _run(capsys, str(_recipe(tmp_path, "smollm2-135m")), "--dry-run",
+                          "--set", "train.engine=deepspeed")
+    assert status == 2 and "'export' and 'report' read megatron checkpoints" in err

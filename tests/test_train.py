@@ -17,25 +17,19 @@ move more: measured < 8e-6 relative, compared at 5e-5.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kdscale.cli import main
 from kdscale.config import load_config
 from kdscale.train.checkpoint import latest_checkpoint, read_train_state, step_name
 from kdscale.train.stage import run
 from tests.dist import run_distributed
+from tests.helpers_train import assert_close, metrics, overrides, sigterm_then_rerun
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
 MODEL = {
     "model.num_layers": 4, "model.hidden_size": 64, "model.ffn_hidden_size": 176,
@@ -55,38 +49,11 @@ LAYOUTS = {  # name -> overrides; global batch fixed at 4
 }
 
 
-def overrides(values: dict[str, Any]) -> list[str]:
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
-
-
 def config(tokens: Path, cache: Path | None, out: Path, extra: dict[str, Any] | None = None):
     values = MODEL | TRAIN | {"train.tokens": str(tokens), "train.out": str(out)}
     if cache is not None:
         values["train.cache"] = str(cache)
     return load_config(None, overrides(values | (extra or {})))
-
-
-def metrics(out: Path, key: str) -> dict[int, float]:
-    """``key`` per step from metrics.jsonl; a step logged twice (redone after resume) keeps
-    its last value."""
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            found[record["step"]] = record[key]
-    return found
-
-
-def assert_close(
-    got: dict[int, float], want: dict[int, float], steps: range, rtol: float = 1e-5
-) -> None:
-    assert sorted(got) == list(steps)
-    torch.testing.assert_close(
-        torch.tensor([got[s] for s in steps], dtype=torch.float64),
-        torch.tensor([want[s] for s in steps], dtype=torch.float64),
-        rtol=rtol,
-        atol=0,
-    )
 
 
 def _one_rank(rank: int, world_size: int, tokens: Path, cache: Path, root: Path) -> None:
@@ -195,20 +162,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(
         "train.out": str(out), "train.init": str(runs / "init"), "train.nproc_per_node": 2,
         "train.micro_batch": 1, "train.save_every": 0,
     }  # fmt: skip
-    command = [sys.executable, "-m", "kdscale.cli", "train"]
-    for item in overrides(values):
-        command += ["--set", item]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    proc = subprocess.Popen(command, env=env, cwd=REPO)
-    deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
-    stopped_at = read_train_state(latest_checkpoint(out))["step"]
-    assert 1 <= stopped_at < STEPS
-    assert subprocess.run(command, env=env, cwd=REPO).returncode == 0
+    assert 1 <= sigterm_then_rerun(values, out) < STEPS
     assert read_train_state(latest_checkpoint(out))["step"] == STEPS
     everything = range(1, STEPS + 1)
     assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), everything)

@@ -1,7 +1,8 @@
-"""``train`` section: student training on megatron-core (``kdscale train``).
+"""``train`` section: student training (``kdscale train``) on megatron-core or DeepSpeed ZeRO.
 
-The objective comes from the ``loss`` section, the student from ``model``, the layout from
-``parallel``; this section holds the data, the optimizer, the schedule and what to save.
+The objective comes from the ``loss`` section, the student from ``model`` (with
+``engine: deepspeed``, from ``train.deepspeed.model``), the layout from ``parallel``; this
+section holds the engine, the data, the optimizer, the schedule and what to save.
 """
 
 from typing import Literal
@@ -52,9 +53,43 @@ class OptimizerSection(Section):
     clip_grad: float = Field(1.0, ge=0.0, description="Clip the global gradient norm (0 = off).")
 
 
+class DeepSpeedSection(Section):
+    """The DeepSpeed ZeRO engine (``train.deepspeed``; used when ``train.engine=deepspeed``).
+
+    The student is a transformers causal LM trained data-parallel over every rank (no tensor
+    or pipeline parallelism); loss, data order, LR schedule, metrics and checkpoint layout are
+    those of the megatron engine.
+    """
+
+    zero_stage: Literal[1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters "
+        "over data-parallel ranks.",
+    )
+    model: str | None = Field(
+        None,
+        description="Starting weights and architecture: a Hugging Face Llama directory, a "
+        "fixture name (smollm2-135m) or a kdscale model directory (import-hf, prune or a "
+        "megatron run); None builds a random Llama from the model section.",
+    )
+    export_hf: bool = Field(
+        True, description="When the run reaches train.steps, write the model to out/hf (an HF "
+        "directory for transformers).",
+    )
+
+
 class TrainConfig(Section):
     """Student training: data, batch, optimizer, schedule, checkpoints, evaluation, logging."""
 
+    engine: Literal["megatron", "deepspeed"] = Field(
+        "megatron",
+        description="megatron: megatron-core student at any tensor × pipeline × data layout; "
+        "deepspeed: a transformers model under DeepSpeed ZeRO, data parallel only "
+        "(see train.deepspeed).",
+    )
+    deepspeed: DeepSpeedSection = Field(
+        default_factory=DeepSpeedSection, description="DeepSpeed ZeRO engine settings."
+    )
     tokens: str = Field("", description="Token-shard directory (output of `kdscale data`).")
     cache: str | None = Field(
         None,

@@ -100,6 +100,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> M
     return model
 
 
+def hf_state_of(ckpt: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """A kdscale checkpoint's full weights under transformers' Llama names (one rank, inside a
+    parallel session)."""
+    gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
+    load_weights(gpt, ckpt)
+    return megatron_to_hf(gather_full_state(gpt), model)
+
+
 def export_hf(
     ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -134,9 +142,7 @@ def export_hf(
             HF_META,
         )
     with parallel_session(ParallelConfig()):
-        gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
-        load_weights(gpt, ckpt)
-        hf_state = megatron_to_hf(gather_full_state(gpt), model)
+        hf_state = hf_state_of(ckpt, model)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if meta.is_dir():
             for file in meta.iterdir():

@@ -55,6 +55,12 @@ def _check_paths(cfg: KDScaleConfig) -> None:
         )
     if stages & {"export", "report"} and "train" not in stages and not cfg.train.out:
         raise KDScaleError("recipe.stages exports or reports without 'train': set train.out")
+    if stages & {"export", "report"} and cfg.train.engine == "deepspeed":
+        raise KDScaleError(
+            "recipe.stages 'export' and 'report' read megatron checkpoints: with "
+            "train.engine=deepspeed the student is exported by training itself to "
+            "<train.out>/hf (train.deepspeed.export_hf); drop those stages"
+        )
 
 
 def _check_training(cfg: KDScaleConfig) -> None:
@@ -102,7 +108,10 @@ def wire(cfg: KDScaleConfig) -> KDScaleConfig:
         tree["cache"]["teacher"]["model"] = recipe.teacher
     fill("train.tokens", data_out)
     fill("train.cache", tree["cache"]["out"], "cache" in stages)
-    fill("train.init", tree["prune"]["out"], "prune" in stages)
+    if cfg.train.engine == "deepspeed":  # the engine starts from train.deepspeed.model
+        fill("train.deepspeed.model", tree["prune"]["out"], "prune" in stages)
+    else:
+        fill("train.init", tree["prune"]["out"], "prune" in stages)
     fill("train.out", str(root / "student"))
     fill("wandb.dir", str(root))
     wired = KDScaleConfig.model_validate(tree)

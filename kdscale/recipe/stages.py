@@ -118,7 +118,7 @@ def student_config(cfg: KDScaleConfig) -> KDScaleConfig:
     """``cfg`` with the student's architecture taken from ``train.init`` when the recipe prunes
     (numerics such as precision and the layer spec stay as configured)."""
     if "prune" not in cfg.recipe.stages or not cfg.train.init:
-        return cfg
+        return cfg  # (the deepspeed engine takes its architecture from train.deepspeed.model)
     from kdscale.train.checkpoint import read_model_config
 
     pruned = read_model_config(Path(cfg.train.init))

@@ -87,12 +87,20 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
-    """A step directory from a run directory, its ``checkpoints/`` or a step directory."""
+    """A megatron step directory from a run directory, its ``checkpoints/`` or a step
+    directory (a DeepSpeed run is refused: its weights load through transformers)."""
     path = Path(path)
-    if (path / STATE).is_file():
-        return path
-    found = latest_checkpoint(path.parent if path.name == CHECKPOINTS else path)
+    found = path if (path / STATE).is_file() else latest_checkpoint(
+        path.parent if path.name == CHECKPOINTS else path
+    )
     if found is not None:
+        engine = read_train_state(found).get("engine", "megatron")
+        if engine != "megatron":
+            raise KDScaleError(
+                f"{what}={str(path)!r} was trained with train.engine={engine}: its weights are not "
+                "a megatron checkpoint; use the Hugging Face directory the run exported "
+                "(<train.out>/hf), or `kdscale import-hf` it"
+            )
         return found
     raise KDScaleError(
         f"{what}={str(path)!r} is not a kdscale checkpoint: expected a run directory with "
@@ -207,23 +215,37 @@ def save_checkpoint(
         torch.save(_rng_state(), handle)
     dist.barrier()
     if rank0:
-        atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
-        write_resolved_config(cfg, tmp)
-        state = asdict(progress) | {
-            "optimizer_state": with_optimizer,
-            "scheduler": scheduler.state_dict(),
-            "layout": _layout(),
-            "world_size": dist.get_world_size(),
-            "seed": cfg.train.seed,
-            "time": time.time(),
-            **inputs,
-        }
-        atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")
-        _commit(tmp, final)
-        atomic_write_text(root / LATEST, name + "\n")
-        _prune(root, cfg.train.keep_checkpoints, keep=final)
+        state = {"optimizer_state": with_optimizer, "layout": _layout()}
+        publish_checkpoint(cfg, progress, scheduler, inputs | state, tmp, final)
     dist.barrier()
     return final
+
+
+def publish_checkpoint(
+    cfg: KDScaleConfig,
+    progress: Progress,
+    scheduler: OptimizerParamScheduler,
+    state: dict[str, Any],
+    tmp: Path,
+    final: Path,
+) -> None:
+    """Rank 0, once every rank's shards are in ``tmp``: add the model section, the resolved
+    config and ``train_state.json`` (progress, schedule, world, seed, plus ``state``), rename
+    ``tmp`` to ``final``, point ``latest`` at it and drop checkpoints beyond
+    ``train.keep_checkpoints``. A crash at any point leaves the previous checkpoint latest."""
+    atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
+    write_resolved_config(cfg, tmp)
+    train_state = asdict(progress) | {
+        "scheduler": scheduler.state_dict(),
+        "world_size": dist.get_world_size(),
+        "seed": cfg.train.seed,
+        "time": time.time(),
+        **state,
+    }
+    atomic_write_text(tmp / STATE, json.dumps(train_state, indent=2) + "\n")
+    _commit(tmp, final)
+    atomic_write_text(final.parent / LATEST, final.name + "\n")
+    _prune(final.parent, cfg.train.keep_checkpoints, keep=final)
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -121,8 +121,14 @@ def check_batch(cfg: KDScaleConfig, data_parallel: int) -> None:
 
 
 def _check_resume(ckpt: Path, cfg: KDScaleConfig, fingerprints: dict[str, Any]) -> None:
-    check_architecture(ckpt, cfg.model, "train.out")
     saved = read_train_state(ckpt)
+    engine = saved.get("engine", "megatron")
+    if engine != cfg.train.engine:
+        raise KDScaleError(
+            f"train.out: {cfg.train.out} holds a train.engine={engine} run; "
+            f"train.engine={cfg.train.engine} cannot resume it (use a new train.out)"
+        )
+    check_architecture(ckpt, cfg.model, "train.out")
     if saved["tokens_fingerprint"] != fingerprints["tokens_fingerprint"]:
         raise KDScaleError(
             f"train.tokens: {cfg.train.tokens} is not the token set the run in {cfg.train.out} "

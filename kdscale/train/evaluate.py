@@ -36,6 +36,15 @@ class EvalResult:
     ppl: float
     kl: float | None = None
 
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, has_targets: bool) -> "EvalResult":
+        """Per-token means from the all-reduced :data:`SUMS` of an evaluation."""
+        total = dict(zip(SUMS, sums.tolist()))
+        tokens = max(total["tokens"], 1.0)
+        lm = total["lm"] / tokens
+        kl = total["kl"] / tokens if has_targets else None
+        return cls(int(total["tokens"]), lm, perplexity(lm), kl)
+
     def as_dict(self) -> dict[str, float | int]:
         """The result without absent fields."""
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -91,11 +100,7 @@ def evaluate(
     sums = torch.zeros(len(SUMS), dtype=torch.float64)
     if reports_loss():
         sums = torch.stack([o["sums"].double().cpu() for o in outputs]).sum(0)
-    total = dict(zip(SUMS, sum_to_all(sums).tolist()))
-    tokens = max(total["tokens"], 1.0)
-    lm = total["lm"] / tokens
-    kl = total["kl"] / tokens if store.has_targets else None
-    return EvalResult(int(total["tokens"]), lm, perplexity(lm), kl)
+    return EvalResult.from_sums(sum_to_all(sums), store.has_targets)
 
 
 def evaluate_checkpoint(

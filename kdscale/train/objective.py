@@ -9,7 +9,7 @@ path; the model returns the per-token loss ``[B, S]`` either way.
 Losses are token sums: megatron's ``calculate_per_token_loss`` divides the gradients by the
 tokens of the whole global batch (summed over micro-batches and data-parallel ranks), so the
 step is the same whatever the layout and micro-batch split. Each micro-batch also reports
-token-weighted metric sums (:data:`SUMS`) for logging.
+token-weighted metric sums (:data:`kdscale.train.loss_sums.SUMS`) for logging.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from kdscale.cache.targets import SparseTargets
 from kdscale.config.loss import KDLossConfig
 from kdscale.losses import kd_lm_loss
 from kdscale.train.loader import MicroBatch
+from kdscale.train.loss_sums import SUMS, token_sums
 
-# Token-weighted sums every micro-batch reports (``tokens`` is the count of counted positions).
-SUMS = ("tokens", "loss", "lm", "kd", "kl", "covered_mass")
-_KD_METRICS = ("loss", "lm", "kd", "kl", "covered_mass")
+__all__ = [
+    "SUMS", "Objective", "SparseKDLabels", "batch_to_device", "use_sparse_kd_loss",
+]  # fmt: skip
+
 
 
 class SparseKDLabels:
@@ -89,7 +91,7 @@ class Objective:
     def __call__(
         self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
-        batch = _to_device(next(data_iterator), self.device)
+        batch = batch_to_device(next(data_iterator), self.device)
         pre_process = get_attr_wrapped_model(model, "pre_process")
         post_process = get_attr_wrapped_model(model, "post_process")
         inputs = batch.tokens[:, :-1] if pre_process else None
@@ -102,7 +104,8 @@ class Objective:
         return loss_BS, functools.partial(_reduce, labels, batch.mask)
 
 
-def _to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
+def batch_to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    """``batch`` with its tensors on ``device`` (the same object when already there)."""
     if batch.tokens is None or batch.tokens.device == device:
         return batch
     return MicroBatch(
@@ -118,19 +121,6 @@ def _not_last_stage(output: torch.Tensor) -> tuple:
 
 def _reduce(labels: Any, mask_BS: torch.Tensor | None, loss_BS: torch.Tensor) -> tuple:
     """``(loss sum, token count, {"sums": metric sums})`` for megatron's per-token loss mode."""
-    loss_BS = loss_BS.float()
-    if mask_BS is None:
-        tokens = torch.tensor(float(loss_BS.numel()), device=loss_BS.device)
-    else:
-        loss_BS = loss_BS * mask_BS  # kd_lm_loss has applied it already; megatron's CE has not
-        tokens = mask_BS.sum()
-    total = loss_BS.sum()
-    with torch.no_grad():
-        if isinstance(labels, SparseKDLabels):
-            metrics = labels.metrics
-            values = [tokens] + [metrics[name] * tokens for name in _KD_METRICS]
-        else:
-            zero = torch.zeros((), device=total.device)
-            values = [tokens, total, total, zero, zero, zero]
-        sums = torch.stack([v.detach().float().reshape(()) for v in values])
+    metrics = labels.metrics if isinstance(labels, SparseKDLabels) else None
+    total, tokens, sums = token_sums(loss_BS, mask_BS, metrics)
     return total, tokens.int(), {"sums": sums}

@@ -1,6 +1,9 @@
-"""The training loop: load or init → per step train, log, evaluate, save → exit cleanly.
+"""The megatron engine: load or init → per step train, log, evaluate, save → exit cleanly.
 
     train(cfg, inputs)   # inputs = kdscale.train.checks.check_run(cfg, world_size)
+
+When each of those happens is :class:`kdscale.train.loop.TrainLoop`'s (shared with the
+DeepSpeed engine, :mod:`kdscale.train.zero`); this module is the megatron step.
 
 One optimizer step: zero the gradient buffers → this rank's micro-batches (prefetched) →
 megatron's schedule runs forward and backward over them (1F1B, interleaved with virtual
@@ -15,11 +18,8 @@ current step every rank agrees (one tiny all-reduce per step), saves a checkpoin
 
 from __future__ import annotations
 
-import math
-import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,8 +31,7 @@ from kdscale.config import KDScaleConfig, write_resolved_config
 from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
 from kdscale.losses import kd_weight_at
-from kdscale.models import build_model_chunks, count_parameters, transformer_config
-from kdscale.tracking import start_tracking
+from kdscale.models import build_model_chunks, transformer_config
 from kdscale.train.checkpoint import (
     Progress,
     load_checkpoint,
@@ -42,24 +41,14 @@ from kdscale.train.checkpoint import (
 )
 from kdscale.train.checks import RunInputs
 from kdscale.train.distributed import destroy_parallel, device, initialize_parallel
-from kdscale.train.evaluate import chunk_needs, evaluate
-from kdscale.train.loader import NOTHING, GlobalOrder, TrainLoader
-from kdscale.train.metrics import (
-    MetricsSink,
-    eval_line,
-    flops_per_token,
-    max_memory_gib,
-    reports_loss,
-    sum_to_all,
-    train_line,
-)
-from kdscale.train.objective import SUMS, Objective, use_sparse_kd_loss
+from kdscale.train.evaluate import EvalResult, chunk_needs, evaluate
+from kdscale.train.loader import NOTHING
+from kdscale.train.loop import StopRequest, TrainLoop, catch_stop_signals
+from kdscale.train.metrics import reports_loss
+from kdscale.train.objective import Objective, use_sparse_kd_loss
 from kdscale.train.optim import build_optimizer
-from kdscale.train.samples import SampleStore
 
 log = get_logger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def train(cfg: KDScaleConfig, inputs: RunInputs) -> int:
@@ -71,34 +60,21 @@ def train(cfg: KDScaleConfig, inputs: RunInputs) -> int:
             "them megatron-core 0.16 cannot checkpoint torch Adam's state in its distributed "
             "optimizer; set train.use_distributed_optimizer=false on this machine"
         )
-    stop = StopRequest()  # installed first: a signal during set-up still ends in a clean stop
-    previous = {s: signal.signal(s, stop.handle) for s in STOP_SIGNALS}
-    initialize_parallel(cfg.parallel, seed=cfg.train.seed)
-    try:
-        trainer = Trainer(cfg, inputs, stop)
+    # Signals are caught first: one during set-up still ends in a clean stop.
+    with catch_stop_signals() as stop:
+        initialize_parallel(cfg.parallel, seed=cfg.train.seed)
         try:
-            return trainer.fit()
+            trainer = Trainer(cfg, inputs, stop)
+            try:
+                return trainer.fit()
+            finally:
+                trainer.close()
         finally:
-            trainer.close()
-    finally:
-        destroy_parallel()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            destroy_parallel()
 
 
-class StopRequest:
-    """Remembers a stop signal; :meth:`Trainer.fit` acts on it between steps."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-
-    def handle(self, signum: int, frame: Any) -> None:
-        """Signal handler: record ``signum``."""
-        self.signum = signum
-
-
-class Trainer:
-    """The model, optimizer, data and sinks of one run on this rank."""
+class Trainer(TrainLoop):
+    """The megatron-core model, optimizer, data and sinks of one run on this rank."""
 
     def __init__(
         self, cfg: KDScaleConfig, inputs: RunInputs, stop: StopRequest | None = None
@@ -130,70 +106,12 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.objective = Objective(kd=inputs.cache is not None, device=device())
-        self.train_store = SampleStore(train.tokens, inputs.tokens, "train", inputs.cache)
-        eval_cache = inputs.cache if inputs.cache and self._eval_cached() else None
-        self.eval_store = SampleStore(train.tokens, inputs.tokens, "eval", eval_cache)
         needs = NOTHING
         for chunk in self.model:
             needs |= chunk_needs(chunk, targets=inputs.cache is not None)
-        self.loader = TrainLoader(
-            self.train_store,
-            GlobalOrder(len(self.train_store), train.seed),
-            consumed_samples=self.progress.consumed_samples,
-            global_batch=train.global_batch,
-            micro_batch=train.micro_batch,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-            needs=needs,
-            prefetch=train.prefetch_steps,
-        )
-        self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
-        self.sink = MetricsSink(self.out, self._tracker() if self.rank0 else None)
-        self.window = self._empty_window()
+        self.open_data_and_sinks(needs)
 
-    def _eval_cached(self) -> bool:
-        split = self.inputs.tokens.splits.get("eval")
-        names = {s.name for s in split.shards} if split is not None else set()
-        cached = names <= set(self.inputs.cache.manifest.shards)
-        if not cached and self.rank0:
-            log.warning("the eval split is not cached: evaluating the LM loss without KL")
-        return cached
-
-    def _tracker(self) -> Any:
-        config = self.cfg.model_dump(mode="json") | {
-            "inputs": self.inputs.fingerprints(),
-            "layout": {"world_size": self.inputs.world_size, "data": self.inputs.data_parallel},
-            "parameters": count_parameters(self.cfg.model),
-        }
-        return start_tracking(self.cfg.wandb, "train", self.out, config)
-
-    # --- the loop ------------------------------------------------------------------------------
-
-    def fit(self) -> int:
-        """Train until ``train.steps`` (or a stop request); save; return 0."""
-        train = self.train_cfg
-        if self.progress.step == 0 and train.steps == 0:
-            self._save()
-        elif self.progress.step >= train.steps:
-            log.info("%s is already at step %d of %d", self.out, self.progress.step, train.steps)
-        while self.progress.step < train.steps:
-            self.train_step()
-            step = self.progress.step
-            if step % train.log_every == 0 or step == train.steps:
-                self._log()
-            stop = self._stop_requested()
-            if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
-                self._evaluate()
-            exit_now = bool(train.exit_interval) and step % train.exit_interval == 0
-            if stop or exit_now or step == train.steps or (
-                train.save_every and step % train.save_every == 0
-            ):
-                self._save()
-            if stop or exit_now:
-                reason = signal.Signals(stop).name if stop else "train.exit_interval"
-                log.info("stopping after step %d (%s); run again to resume", step, reason)
-                break
-        return 0
+    # --- one step ---------------------------------------------------------------------------------
 
     def train_step(self) -> None:
         """One optimizer step over the next global batch."""
@@ -216,58 +134,19 @@ class Trainer:
         )
         self.scheduler.step(1)  # step k runs at the schedule's rate for k
         _, grad_norm, _ = self.optimizer.step()  # host sync (megatron reads the norm)
-        self.progress.step += 1
-        self.progress.consumed_samples += self.train_cfg.global_batch
-        self.progress.consumed_tokens += self.train_cfg.global_batch * self.seq_len
-        if reports_loss():
-            self.window["sums"] += torch.stack([o["sums"] for o in outputs]).sum(0).double().cpu()
-        self.window["steps"] += 1
-        self.window["grad_norm"] += grad_norm if grad_norm is not None else math.nan
-        self.window["seconds"] += time.perf_counter() - start
+        self.advance()
+        sums = torch.stack([o["sums"] for o in outputs]).sum(0) if reports_loss() else None
+        self.record_step(sums, grad_norm, time.perf_counter() - start)
 
-    # --- logging, evaluation, saving, stopping --------------------------------------------------
+    # --- evaluation, saving -------------------------------------------------------------------
 
-    @staticmethod
-    def _empty_window() -> dict[str, Any]:
-        return {"sums": torch.zeros(len(SUMS), dtype=torch.float64), "steps": 0,
-                "grad_norm": 0.0, "seconds": 0.0}  # fmt: skip
+    def kd_weight(self) -> float | None:
+        """α of the last step; None without a cache."""
+        return self.objective.kd_weight if self.objective.kd else None
 
-    def _log(self) -> None:
-        window, self.window = self.window, self._empty_window()
-        total = dict(zip(SUMS, sum_to_all(window["sums"]).tolist()))
-        memory = sum_to_all(torch.tensor([max_memory_gib()]), dist.ReduceOp.MAX).item()
-        tokens_per_s = window["steps"] * self.train_cfg.global_batch * self.seq_len / max(
-            window["seconds"], 1e-9
-        )
-        tokens = max(total["tokens"], 1.0)
-        metrics = {
-            "loss/total": total["loss"] / tokens,
-            "loss/lm": total["lm"] / tokens,
-            "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-            "optim/grad_norm": window["grad_norm"] / window["steps"],
-            "throughput/tokens_per_s": tokens_per_s,
-            "throughput/mfu": tokens_per_s * self.flops_per_token
-            / (self.train_cfg.peak_flops * dist.get_world_size()),
-            "memory/max_gib": memory,
-            "progress/consumed_samples": self.progress.consumed_samples,
-            "progress/consumed_tokens": self.progress.consumed_tokens,
-        }
-        if self.objective.kd:
-            metrics |= {
-                "loss/kd": total["kd"] / tokens,
-                "kd/kl": total["kl"] / tokens,
-                "kd/covered_mass": total["covered_mass"] / tokens,
-                "kd/weight": self.objective.kd_weight,
-            }
-        self.sink.write(self.progress.step, metrics, train_line(metrics))
-
-    def _evaluate(self) -> None:
-        if not len(self.eval_store):
-            return
-        limit = len(self.eval_store)
-        if self.train_cfg.eval_batches is not None:
-            limit = self.train_cfg.eval_batches * self.train_cfg.global_batch
-        result = evaluate(
+    def evaluate_samples(self, limit: int) -> EvalResult:
+        """megatron's forward-only schedule over the first ``limit`` eval samples."""
+        return evaluate(
             self.model,
             self.eval_store,
             limit,
@@ -277,24 +156,11 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
         )
-        metrics = {f"eval/{k}": v for k, v in result.as_dict().items()}
-        self.sink.write(self.progress.step, metrics, eval_line(metrics))
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """A megatron dist_checkpointing checkpoint of this step (collective)."""
         path = save_checkpoint(
             self.cfg, self.progress, self.chunks, self.optimizer, self.scheduler,
             self.inputs.fingerprints(),
         )  # fmt: skip
         log.info("saved %s", path)
-
-    def _stop_requested(self) -> int:
-        """The stop signal any rank received (0: none); every rank gets the same answer."""
-        flag = torch.tensor([float(self.stop.signum)])
-        return int(sum_to_all(flag, dist.ReduceOp.MAX).item())
-
-    def close(self) -> None:
-        """Stop the loader thread, close files and the W&B run."""
-        self.loader.close()
-        self.train_store.close()
-        self.eval_store.close()
-        self.sink.close()

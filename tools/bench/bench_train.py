@@ -20,6 +20,7 @@ with a small random Llama teacher that shares the tokenizer.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import json
 import shutil
 import statistics
@@ -130,8 +131,9 @@ def _bench(args: argparse.Namespace, work: Path) -> None:
         destroy_parallel()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(description: str, compared: str) -> argparse.ArgumentParser:
+    """The flags every training benchmark takes: data, tiny model, batch, timed blocks."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tokens", type=Path, help="token directory (default: build one)")
     parser.add_argument("--cache", type=Path, help="its cache (default: build one)")
     parser.add_argument("--seq-len", type=int, default=128, help="when building data")
@@ -139,14 +141,23 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="samples per step (one micro-batch)")
     parser.add_argument("--block", type=int, default=3, help="steps per timed block")
-    parser.add_argument("--blocks", type=int, default=4, help="timed blocks per objective")
-    parser.add_argument("--loader-steps", type=int, default=20)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kdscale-bench-train-") as tmp:
+    parser.add_argument("--blocks", type=int, default=4, help=f"timed blocks per {compared}")
+    return parser
+
+
+def run_bench(args: argparse.Namespace, name: str, bench: Callable[..., None]) -> None:
+    """Build the tokens and cache unless given, then run ``bench(args, work_dir)``."""
+    with tempfile.TemporaryDirectory(prefix=f"kdscale-bench-{name}-") as tmp:
         work = Path(tmp)
         if args.tokens is None or args.cache is None:
             args.tokens, args.cache = _make_inputs(work / "data", args.seq_len)
-        _bench(args, work)
+        bench(args, work)
+
+
+def main() -> None:
+    parser = bench_parser(__doc__.splitlines()[0], "objective")
+    parser.add_argument("--loader-steps", type=int, default=20)
+    run_bench(parser.parse_args(), "train", _bench)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Helpers shared by the training tests of both engines: config overrides, metrics.jsonl
+curves, curve comparison, and stopping a `kdscale train` process with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdscale.train.checkpoint import latest_checkpoint, read_train_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def metrics(out: Path, key: str) -> dict[int, float]:
+    """``key`` per step from metrics.jsonl; a step logged twice (redone after resume) keeps
+    its last value."""
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            found[record["step"]] = record[key]
+    return found
+
+
+def assert_close(
+    got: dict[int, float], want: dict[int, float], steps: range, rtol: float = 1e-5
+) -> None:
+    assert sorted(got) == list(steps)
+    torch.testing.assert_close(
+        torch.tensor([got[s] for s in steps], dtype=torch.float64),
+        torch.tensor([want[s] for s in steps], dtype=torch.float64),
+        rtol=rtol,
+        atol=0,
+    )
+
+
+def sigterm_then_rerun(values: dict[str, Any], out: Path) -> int:
+    """Start `kdscale train` with ``values``, SIGTERM it once a step is logged (it must save and
+    exit 0), rerun the same command to the end; return the step it stopped at."""
+    command = [sys.executable, "-m", "kdscale.cli", "train"]
+    for item in overrides(values):
+        command += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen(command, env=env, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    stopped_at = read_train_state(latest_checkpoint(out))["step"]
+    assert subprocess.run(command, env=env, cwd=REPO).returncode == 0
+    return stopped_at
