@@ -111,7 +111,7 @@ STAGES: dict[str, Stage] = {
 # Commands that inspect or convert an artifact rather than run a configured stage:
 # name -> (help, "module:function" taking argv).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("Run a recipe's stages in order (data, teacher, prune, cache, train, baseline, export, "
+    "run": ("Run a recipe's stages in order (data, teacher, cache, prune, train, baseline, export, "
             "report); skips finished ones, --dry-run prints the plan.",
             "kdscale.recipe.runner:main"),
     "inspect-cache": ("Summarize a cache (codec, bytes/token, fidelity); --verify checks every sha256.",

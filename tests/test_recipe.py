@@ -22,7 +22,7 @@ from helpers_wandb import read_runs
 from kdscale.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = ["data", "teacher", "prune", "cache", "train", "baseline", "export", "report"]
+ALL_STAGES = ["data", "teacher", "cache", "prune", "train", "baseline", "export", "report"]
 
 
 def _recipe(tmp: Path, teacher_dir: str | Path, **recipe: object) -> Path:
@@ -241,9 +241,33 @@ def test_deepspeed_engine_starts_from_the_pruned_model(tmp_path, capsys):
     from kdscale.config import load_config
     from kdscale.recipe.plan import wire
 
-    recipe = _recipe(tmp_path, "smollm2-135m", stages=["data", "teacher", "prune", "cache", "train"])
+    recipe = _recipe(tmp_path, "smollm2-135m", stages=["data", "teacher", "cache", "prune", "train"])
     cfg = wire(load_config([str(recipe)], ["train.engine=deepspeed"]))
     assert cfg.train.deepspeed.model == str(tmp_path / "run" / "pruned") and cfg.train.init is None
     status, _, err = _run(capsys, str(_recipe(tmp_path, "smollm2-135m")), "--dry-run",
                           "--set", "train.engine=deepspeed")
     assert status == 2 and "'export' and 'report' read megatron checkpoints" in err
+
+
+def test_prune_search_in_a_recipe_hands_the_winner_to_train(
+    tmp_path, capsys, tiny_teacher_dir, tiny_tokens_dir, tiny_cache_dir
+):
+    from kdscale.models import count_parameters
+    from kdscale.models.hf_convert import hf_config_to_model
+
+    teacher = hf_config_to_model(json.loads((tiny_teacher_dir / "config.json").read_text()))
+    recipe = _recipe(tmp_path, tiny_teacher_dir, stages=["teacher", "prune", "train"])
+    sets = {"data.out": tiny_tokens_dir, "train.cache": tiny_cache_dir, "train.steps": 2,
+            "prune.search.enabled": True, "prune.search.params": count_parameters(teacher) - 5000,
+            "prune.search.width_step": 8, "prune.search.top_k": 2, "prune.search.steps": 2,
+            "wandb.enabled": False}  # fmt: skip
+    argv = [str(recipe)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    status, out, err = _run(capsys, *argv)
+    assert status == 0, err
+    root = tmp_path / "run"
+    winner = json.loads((root / "pruned" / "search.json").read_text())["winner"]
+    ran = yaml.safe_load((root / ".kdscale-run" / "train.yaml").read_text())
+    assert ran["train"]["init"] == str(root / "pruned" / "candidates" / winner / "model")
+    assert ran["model"]["hidden_size"] == 24  # the winner's shape, not the model section's
+    status, out, _ = _run(capsys, *argv)
+    assert status == 0 and _plan(out) == dict.fromkeys(["teacher", "prune", "train"], "skip")

@@ -7,8 +7,8 @@ from pydantic import Field, field_validator
 from kdscale.config.base import Section
 
 # Every stage `kdscale run` knows, in the only order they can run.
-RECIPE_STAGES = ("data", "teacher", "prune", "cache", "train", "baseline", "export", "report")
-RecipeStage = Literal["data", "teacher", "prune", "cache", "train", "baseline", "export", "report"]
+RECIPE_STAGES = ("data", "teacher", "cache", "prune", "train", "baseline", "export", "report")
+RecipeStage = Literal["data", "teacher", "cache", "prune", "train", "baseline", "export", "report"]
 
 
 class RecipeConfig(Section):

@@ -17,7 +17,8 @@ from kdscale.tracking import ArtifactSpec
 _DESCRIBED_BY: dict[str, tuple[str, tuple[str, ...]]] = {
     "data": ("tokens", ("manifest.json", "config.yaml")),
     "teacher": ("model", ("model.yaml", "train_state.json")),
-    "prune": ("model", ("model.yaml", "train_state.json", "importance.json", "importance.png")),
+    "prune": ("model", ("model.yaml", "train_state.json", "importance.json", "importance.png",
+                        "search.json", "search.md")),
     "cache": ("teacher-cache", ("manifest.json", "config.yaml")),
     "train": ("student", ("config.yaml", "metrics.jsonl")),
     "baseline": ("student", ("config.yaml", "metrics.jsonl")),

@@ -138,12 +138,15 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
 def decisive_config(spec: StageSpec, cfg: KDScaleConfig) -> dict[str, Any]:
     """The config values that decide ``spec``'s output, as nested plain data."""
     tree = cfg.model_dump(mode="json")
-    ignored = list(spec.ignored)
+    ignored, decisive = list(spec.ignored), list(spec.decisive)
     if spec.name in ("train", "baseline") and "prune" in cfg.recipe.stages:
         ignored += [f"model.{f}" for f in ARCHITECTURE_FIELDS]  # the pruned model decides them
+    if spec.name == "prune" and cfg.prune.search.enabled:  # candidates are distilled as trained
+        decisive.append("train")
+        ignored += [k for k in STAGES["train"].ignored if k.startswith("train.")]
     for dotted in ignored:
         _drop(tree, dotted)
-    return {key: _pick(tree, key) for key in spec.decisive}
+    return {key: _pick(tree, key) for key in decisive}
 
 
 def _digest(decisive: dict[str, Any], upstream: list[str]) -> str:

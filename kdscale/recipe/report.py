@@ -18,7 +18,7 @@ from kdscale.config import KDScaleConfig, ParallelConfig
 from kdscale.errors import KDScaleError
 from kdscale.io import atomic_write_bytes, atomic_write_text
 from kdscale.logging import get_logger
-from kdscale.recipe.stages import baseline_dir, report_dir, teacher_dir
+from kdscale.recipe.stages import baseline_dir, pruned_model_dir, report_dir, teacher_dir
 
 log = get_logger(__name__)
 
@@ -29,7 +29,7 @@ def _models(cfg: KDScaleConfig) -> list[tuple[str, Path]]:
     if "teacher" in stages:
         rows.append(("teacher", teacher_dir(cfg)))
     if "prune" in stages:
-        rows.append(("pruned, before distillation", Path(cfg.prune.out)))
+        rows.append(("pruned, before distillation", pruned_model_dir(cfg)))
     if "train" in stages:
         rows.append(("distilled student" if cfg.train.cache else "student", Path(cfg.train.out)))
     if "baseline" in stages:

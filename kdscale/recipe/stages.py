@@ -114,17 +114,33 @@ def report_dir(cfg: KDScaleConfig) -> Path:
     return _root(cfg) / "report"
 
 
+def pruned_model_dir(cfg: KDScaleConfig) -> Path:
+    """The model the ``prune`` stage made: ``prune.out``, or with ``prune.search`` the winner's
+    ``prune.out/candidates/<winner>/model``."""
+    out = Path(cfg.prune.out)
+    if not cfg.prune.search.enabled:
+        return out
+    import json
+
+    search = out / "search.json"
+    if not search.is_file():
+        raise KDScaleError(f"{search} is missing: the prune search has not finished")
+    return out / "candidates" / json.loads(search.read_text())["winner"] / "model"
+
+
 def student_config(cfg: KDScaleConfig) -> KDScaleConfig:
-    """``cfg`` with the student's architecture taken from ``train.init`` when the recipe prunes
-    (numerics such as precision and the layer spec stay as configured)."""
-    if "prune" not in cfg.recipe.stages or not cfg.train.init:
+    """``cfg`` with the student starting from the pruned model, and its architecture, when the
+    recipe prunes (numerics such as precision and the layer spec stay as configured)."""
+    if "prune" not in cfg.recipe.stages or cfg.train.init != cfg.prune.out:
         return cfg  # (the deepspeed engine takes its architecture from train.deepspeed.model)
     from kdscale.train.checkpoint import read_model_config
 
-    pruned = read_model_config(Path(cfg.train.init))
+    init = pruned_model_dir(cfg)
+    pruned = read_model_config(init)
     arch = pruned.model_dump(include=set(ARCHITECTURE_FIELDS) | {"max_position_embeddings",
                                                                   "rotary_base", "norm_epsilon"})
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update=arch)})
+    train = cfg.train.model_copy(update={"init": str(init)})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=arch), "train": train})
 
 
 def baseline_config(cfg: KDScaleConfig) -> KDScaleConfig:
@@ -148,6 +164,13 @@ def _tokens_complete(cfg: KDScaleConfig) -> bool:
 
 def _model_dir_complete(path: Path) -> bool:
     return (path / "train_state.json").is_file()  # model directories appear atomically
+
+
+def _pruned_complete(cfg: KDScaleConfig) -> bool:
+    try:
+        return _model_dir_complete(pruned_model_dir(cfg))
+    except KDScaleError:
+        return False
 
 
 def _cache_complete(cfg: KDScaleConfig) -> bool:
@@ -194,13 +217,12 @@ STAGES: dict[str, StageSpec] = {
             lambda cfg: _model_dir_complete(teacher_dir(cfg)),
         ),
         StageSpec(
-            "prune", "pruned", ("teacher", "data"), ("prune",), ("prune.overwrite",),
-            lambda cfg: cfg.prune.out, _run_prune,
-            lambda cfg: _model_dir_complete(Path(cfg.prune.out)),
-        ),
-        StageSpec(
             "cache", "cache", ("data",), ("cache",), ("cache.ray", "cache.restart"),
             lambda cfg: cfg.cache.out, _run_cache, _cache_complete,
+        ),
+        StageSpec(
+            "prune", "pruned", ("teacher", "data", "cache"), ("prune",), ("prune.overwrite",),
+            lambda cfg: cfg.prune.out, _run_prune, _pruned_complete,
         ),
         StageSpec(
             "train", "student", ("data", "cache", "prune"), ("model", "loss", "train"),
@@ -220,7 +242,7 @@ STAGES: dict[str, StageSpec] = {
             lambda cfg: (export_dir(cfg) / "model.safetensors").is_file(),
         ),
         StageSpec(
-            "report", "report", ("data", "teacher", "prune", "cache", "train", "baseline"), (), (),
+            "report", "report", ("data", "teacher", "cache", "prune", "train", "baseline"), (), (),
             lambda cfg: str(report_dir(cfg)), _run_report,
             lambda cfg: (report_dir(cfg) / "report.json").is_file(),
         ),
