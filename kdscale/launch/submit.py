@@ -113,6 +113,11 @@ def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:
         from kdscale.recipe.plan import wire
 
         wire(cfg)  # the recipe's stages and paths fit together
+        if args.launcher == "slurm" and args.nodes > 1:
+            raise KDScaleError(
+                "--nodes > 1 runs one stage on every node: pass --stage train (torchrun per node) "
+                "or --stage cache (a Ray cluster over the nodes); run the rest with one node"
+            )
     relative = _relative_paths(cfg, args.stage) if args.launcher == "ray" else []
     if relative:
         raise KDScaleError(
@@ -120,11 +125,6 @@ def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:
             "so relative outputs would be lost with it; use absolute paths on storage every "
             "node shares"
         )
-        if args.launcher == "slurm" and args.nodes > 1:
-            raise KDScaleError(
-                "--nodes > 1 runs one stage on every node: pass --stage train (torchrun per node) "
-                "or --stage cache (a Ray cluster over the nodes); run the rest with one node"
-            )
 
 
 def submit_slurm(args: argparse.Namespace, recipe: Path) -> int:
