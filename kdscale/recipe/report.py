@@ -130,7 +130,7 @@ def curves_png(cfg: KDScaleConfig, rows: list[dict[str, Any]]) -> bytes:
     train_ax.set(title="training LM loss", xlabel="step", ylabel="nats/token")
     eval_ax.set(title="held-out LM loss", xlabel="step")
     train_ax.legend(fontsize=8)
-    eval_ax.legend(fontsize=8, loc="center right")
+    eval_ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.93))
     fig.suptitle(f"{cfg.recipe.name or 'recipe'}: distillation vs LM loss only")
     fig.tight_layout()
     buffer = io.BytesIO()
