@@ -46,20 +46,27 @@ def assert_close(
     )
 
 
-def sigterm_then_rerun(values: dict[str, Any], out: Path) -> int:
-    """Start `kdscale train` with ``values``, SIGTERM it once a step is logged (it must save and
-    exit 0), rerun the same command to the end; return the step it stopped at."""
+def sigterm_then_rerun(values: dict[str, Any], out: Path, sig: int = signal.SIGTERM) -> int:
+    """Start `kdscale train` with ``values`` and stop it with ``sig``: SIGTERM once a step is
+    logged (it must save and exit 0), SIGKILL once a checkpoint exists (it dies at once). Rerun
+    the same command to the end; return the step the rerun resumed from."""
     command = [sys.executable, "-m", "kdscale.cli", "train"]
     for item in overrides(values):
         command += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.Popen(command, env=env, cwd=REPO)
+
+    def ready() -> bool:
+        if sig == signal.SIGKILL:
+            return latest_checkpoint(out) is not None
+        return (out / "metrics.jsonl").is_file() and bool((out / "metrics.jsonl").read_text())
+
     deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+    while not ready():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
     stopped_at = read_train_state(latest_checkpoint(out))["step"]
     assert subprocess.run(command, env=env, cwd=REPO).returncode == 0
     return stopped_at

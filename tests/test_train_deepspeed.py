@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,22 @@ def test_sigterm_saves_and_the_rerun_completes_the_curve(
     assert 1 <= sigterm_then_rerun(values, out) < STEPS
     assert read_train_state(latest_checkpoint(out))["step"] == STEPS
     steps = range(1, STEPS + 1)  # ZeRO-1 computes what ZeRO-3 does
+    assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), steps)
+
+
+def test_sigkill_after_a_save_resumes_the_same_curve(
+    runs: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path
+) -> None:
+    """A kill without warning: the rerun starts from the last complete checkpoint."""
+    out = runs / "sigkill"
+    values = TRAIN | {
+        "train.tokens": str(tiny_tokens_dir), "train.cache": str(tiny_cache_dir),
+        "train.out": str(out), "train.deepspeed.model": str(runs / "student"),
+        "train.deepspeed.zero_stage": 1, "train.save_every": 2, "train.eval_every": 0,
+    }  # fmt: skip
+    assert 2 <= sigterm_then_rerun(values, out, signal.SIGKILL) < STEPS
+    assert read_train_state(latest_checkpoint(out))["step"] == STEPS
+    steps = range(1, STEPS + 1)  # steps logged twice keep the rerun's value
     assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), steps)
 
 
