@@ -46,7 +46,7 @@ def assert_close(
     )
 
 
-def sigterm_then_rerun(values: dict[str, Any], out: Path, sig: int = signal.SIGTERM) -> int:
+def stop_then_rerun(values: dict[str, Any], out: Path, sig: int = signal.SIGTERM) -> int:
     """Start `kdscale train` with ``values`` and stop it with ``sig``: SIGTERM once a step is
     logged (it must save and exit 0), SIGKILL once a checkpoint exists (it dies at once). Rerun
     the same command to the end; return the step the rerun resumed from."""

@@ -28,7 +28,7 @@ from kdscale.config import load_config
 from kdscale.train.checkpoint import latest_checkpoint, read_train_state, step_name
 from kdscale.train.stage import run
 from tests.dist import run_distributed
-from tests.helpers_train import assert_close, metrics, overrides, sigterm_then_rerun
+from tests.helpers_train import assert_close, metrics, overrides, stop_then_rerun
 
 STEPS = 16
 MODEL = {
@@ -162,7 +162,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(
         "train.out": str(out), "train.init": str(runs / "init"), "train.nproc_per_node": 2,
         "train.micro_batch": 1, "train.save_every": 0,
     }  # fmt: skip
-    assert 1 <= sigterm_then_rerun(values, out) < STEPS
+    assert 1 <= stop_then_rerun(values, out) < STEPS
     assert read_train_state(latest_checkpoint(out))["step"] == STEPS
     everything = range(1, STEPS + 1)
     assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), everything)

@@ -46,7 +46,7 @@ from kdscale.config import load_config
 from kdscale.train.checkpoint import latest_checkpoint, read_train_state, step_name
 from kdscale.train.stage import run
 from tests.dist import run_distributed
-from tests.helpers_train import assert_close, metrics, overrides, sigterm_then_rerun
+from tests.helpers_train import assert_close, metrics, overrides, stop_then_rerun
 
 STEPS = 6
 TRAIN = {
@@ -181,34 +181,27 @@ def test_exported_hf_dir_gives_the_engines_eval_loss(runs: Path, tiny_tokens_dir
     assert lm.item() == pytest.approx(evaluated[STEPS], rel=1e-5)
 
 
-def test_sigterm_saves_and_the_rerun_completes_the_curve(
-    runs: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path
+@pytest.mark.parametrize(
+    ("sig", "save_every", "first_save"),
+    [(signal.SIGTERM, 0, 1), (signal.SIGKILL, 2, 2)],
+    ids=["sigterm-saves-on-the-signal", "sigkill-after-a-save"],
+)
+def test_stopped_run_resumes_the_same_curve(
+    runs: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path, sig: int, save_every: int,
+    first_save: int,
 ) -> None:
-    out = runs / "sigterm"
+    """SIGTERM: the run saves and exits 0. SIGKILL: it dies at once, and the rerun starts from
+    the last complete checkpoint. Either way the rerun completes the reference curve (steps
+    logged twice keep the rerun's value; ZeRO-1 computes what ZeRO-3 does)."""
+    out = runs / signal.Signals(sig).name.lower()
     values = TRAIN | {
         "train.tokens": str(tiny_tokens_dir), "train.cache": str(tiny_cache_dir),
         "train.out": str(out), "train.deepspeed.model": str(runs / "student"),
-        "train.deepspeed.zero_stage": 1, "train.save_every": 0, "train.eval_every": 0,
+        "train.deepspeed.zero_stage": 1, "train.save_every": save_every, "train.eval_every": 0,
     }  # fmt: skip
-    assert 1 <= sigterm_then_rerun(values, out) < STEPS
+    assert first_save <= stop_then_rerun(values, out, sig) < STEPS
     assert read_train_state(latest_checkpoint(out))["step"] == STEPS
-    steps = range(1, STEPS + 1)  # ZeRO-1 computes what ZeRO-3 does
-    assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), steps)
-
-
-def test_sigkill_after_a_save_resumes_the_same_curve(
-    runs: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path
-) -> None:
-    """A kill without warning: the rerun starts from the last complete checkpoint."""
-    out = runs / "sigkill"
-    values = TRAIN | {
-        "train.tokens": str(tiny_tokens_dir), "train.cache": str(tiny_cache_dir),
-        "train.out": str(out), "train.deepspeed.model": str(runs / "student"),
-        "train.deepspeed.zero_stage": 1, "train.save_every": 2, "train.eval_every": 0,
-    }  # fmt: skip
-    assert 2 <= sigterm_then_rerun(values, out, signal.SIGKILL) < STEPS
-    assert read_train_state(latest_checkpoint(out))["step"] == STEPS
-    steps = range(1, STEPS + 1)  # steps logged twice keep the rerun's value
+    steps = range(1, STEPS + 1)
     assert_close(metrics(out, "loss/total"), metrics(runs / "ref", "loss/total"), steps)
 
 

@@ -17,19 +17,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from kdscale.errors import KDScaleError
+from kdscale.errors import ArgumentParser, KDScaleError
 from kdscale.launch import ray_jobs, slurm
 
 SUCCESS = {"slurm": "COMPLETED", "ray": "SUCCEEDED"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a one-line KDScaleError (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise KDScaleError(message)
 
 
 def _stages() -> list[str]:
@@ -40,7 +33,7 @@ def _stages() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kdscale submit`` flags."""
-    p = _Parser(prog="kdscale submit", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="kdscale submit", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML (validated before submission)")
     p.add_argument("--launcher", required=True, choices=["slurm", "ray"])
     p.add_argument("--stage", default="run", choices=_stages(),
@@ -95,14 +88,11 @@ _STAGE_PATHS = {
 
 
 def _relative_paths(cfg: Any, stage: str) -> list[str]:
-    found = []
-    for dotted in _STAGE_PATHS[stage]:
-        value: Any = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        if value and not Path(value).is_absolute():
-            found.append(f"{dotted}={value}")
-    return found
+    from kdscale.recipe.plan import value_at
+
+    tree = cfg.model_dump()
+    values = {dotted: value_at(tree, dotted) for dotted in _STAGE_PATHS[stage]}
+    return [f"{k}={v}" for k, v in values.items() if v and not Path(v).is_absolute()]
 
 
 def _validate_recipe(recipe: Path, args: argparse.Namespace) -> None:

@@ -120,7 +120,8 @@ def wire(cfg: KDScaleConfig) -> KDScaleConfig:
     return wired
 
 
-def _pick(tree: dict[str, Any], dotted: str) -> Any:
+def value_at(tree: dict[str, Any], dotted: str) -> Any:
+    """The value of a dotted key (``train.out``) in a config dumped to a dict."""
     node: Any = tree
     for part in dotted.split("."):
         node = node[part]
@@ -146,7 +147,7 @@ def decisive_config(spec: StageSpec, cfg: KDScaleConfig) -> dict[str, Any]:
         ignored += [k for k in STAGES["train"].ignored if k.startswith("train.")]
     for dotted in ignored:
         _drop(tree, dotted)
-    return {key: _pick(tree, key) for key in decisive}
+    return {key: value_at(tree, key) for key in decisive}
 
 
 def _digest(decisive: dict[str, Any], upstream: list[str]) -> str:

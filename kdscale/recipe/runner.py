@@ -16,18 +16,17 @@ are logged as artifacts and every stage records the artifacts it read.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from kdscale.config import KDScaleConfig, load_config
-from kdscale.errors import KDScaleError
+from kdscale.errors import ArgumentParser
 from kdscale.io import atomic_write_text
 from kdscale.logging import get_logger
 from kdscale.recipe.lineage import stage_artifact
@@ -118,14 +117,9 @@ def run_recipe(cfg: KDScaleConfig, force: bool = False, dry_run: bool = False) -
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise KDScaleError(message)
-
-
 def main(argv: list[str]) -> int:
     """``kdscale run RECIPE [--set K=V] [--force] [--dry-run]``."""
-    parser = _Parser(prog="kdscale run", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="kdscale run", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="+", help="recipe YAML file(s); later files win")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
                         metavar="KEY=VALUE", help="override one config key (repeatable)")
