@@ -39,6 +39,7 @@ class Stage:
     shorthands: tuple[Shorthand, ...] = ()
 
 
+# One row per `kdscale <stage>` command (kdscale.stages.STAGE_COMMANDS, in that order).
 STAGES: dict[str, Stage] = {
     "data": Stage(
         "Tokenize and pack text into token shards (webdataset tars + tokens manifest).",
@@ -73,17 +74,6 @@ STAGES: dict[str, Stage] = {
                       {"action": "store_true", "default": None}),
         ),
     ),
-    "train": Stage(
-        "Train the student on token shards with cached-target KD: megatron-core (TP×PP×DP) or, "
-        "with train.engine=deepspeed, an HF model under DeepSpeed ZeRO.",
-        "kdscale.train.stage:run",
-        (
-            Shorthand("--tokens", "train.tokens", "token-shard directory"),
-            Shorthand("--cache", "train.cache", "teacher-target cache (omit: LM loss only)"),
-            Shorthand("--out", "train.out", "run directory (resumed if it has checkpoints)"),
-            Shorthand("--steps", "train.steps", "optimizer steps of the run", {"type": int}),
-        ),
-    ),
     "prune": Stage(
         "Score heads, groups, neurons, channels and layers on calibration tokens; write a pruned model.",
         "kdscale.prune.stage:run",
@@ -104,6 +94,17 @@ STAGES: dict[str, Stage] = {
                       {"action": "store_true", "default": None}),
             Shorthand("--overwrite", "prune.overwrite", "replace an existing output",
                       {"action": "store_true", "default": None}),
+        ),
+    ),
+    "train": Stage(
+        "Train the student on token shards with cached-target KD: megatron-core (TP×PP×DP) or, "
+        "with train.engine=deepspeed, an HF model under DeepSpeed ZeRO.",
+        "kdscale.train.stage:run",
+        (
+            Shorthand("--tokens", "train.tokens", "token-shard directory"),
+            Shorthand("--cache", "train.cache", "teacher-target cache (omit: LM loss only)"),
+            Shorthand("--out", "train.out", "run directory (resumed if it has checkpoints)"),
+            Shorthand("--steps", "train.steps", "optimizer steps of the run", {"type": int}),
         ),
     ),
 }

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to the ``sys.stderr`` of that moment, not the one at set-up (test
+    harnesses and W&B's console capture replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(level: int | None = None) -> None:
@@ -15,7 +32,7 @@ def setup_logging(level: int | None = None) -> None:
         level = logging.INFO if rank == 0 else logging.WARNING
     logger = logging.getLogger("kdscale")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real teacher fixture as a local Hugging Face directory (converted once)."""
-    from kdscale.teacher.fixture import resolve_model_dir
+    from kdscale.hub import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kdscale.train.checkpoint import latest_checkpoint, read_train_state
+from kdscale.models.checkpoints import latest_checkpoint, read_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -77,3 +77,20 @@ def test_cli_bad_value_exits_2_with_one_line_and_writes_nothing(
 def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_every_cli_target_resolves() -> None:
+    """Each subcommand names a real function, and the stage rows follow the one list of names."""
+    import importlib
+
+    from kdscale import cli
+    from kdscale.recipe.stages import STAGES as RECIPE_TABLE
+    from kdscale.stages import RECIPE_STAGES, STAGE_COMMANDS
+
+    assert tuple(cli.STAGES) == STAGE_COMMANDS
+    assert tuple(RECIPE_TABLE) == RECIPE_STAGES
+    targets = [stage.target for stage in cli.STAGES.values()]
+    targets += [target for _, target in cli.COMMANDS.values()]
+    for target in targets:
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

@@ -19,7 +19,7 @@ from kdscale.models import (
     transformer_config,
     validate_layout,
 )
-from kdscale.train.distributed import destroy_parallel, initialize_parallel
+from kdscale.models.parallel import destroy_parallel, initialize_parallel
 from tests.dist import run_distributed
 
 LLAMA = ModelConfig(

@@ -24,7 +24,7 @@ from kdscale.config import ModelConfig, ParallelConfig
 from kdscale.errors import KDScaleError
 from kdscale.models.hf_convert import fuse_qkv, hf_config_to_model, split_qkv
 from kdscale.models.hf_io import read_hf_dir
-from kdscale.train.checkpoint import (
+from kdscale.models.checkpoints import (
     check_architecture,
     read_model_config,
     read_run_config,
@@ -43,15 +43,15 @@ def megatron_logits(model_dir: Path, tokens: torch.Tensor, tensor: int = 1) -> t
     from megatron.core import parallel_state
 
     from kdscale.models import build_gpt_model
-    from kdscale.models.model_dir import load_weights, open_model_dir
-    from kdscale.models.session import parallel_session
+    from kdscale.models.checkpoints import load_weights, open_model_dir
+    from kdscale.models.parallel import parallel_session
 
     ckpt, model = open_model_dir(model_dir, "model_dir")
     parallel = ParallelConfig(tensor=tensor)
 
     def run() -> torch.Tensor:
         gpt = build_gpt_model(model, parallel, pre_process=True, post_process=True).eval()
-        load_weights(gpt, ckpt)
+        load_weights(ckpt, [gpt])
         with torch.no_grad():
             local = gpt(tokens, None, None)  # [B, S, V/TP]
         parts = [torch.empty_like(local) for _ in range(tensor)]

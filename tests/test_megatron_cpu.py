@@ -35,7 +35,7 @@ from megatron.core.tensor_parallel import random as megatron_random
 from kdscale.config import ModelConfig, ParallelConfig
 from kdscale.models import build_model_chunks, count_parameters
 from kdscale.models.cpu_shim import is_patched, patch_megatron_for_cpu
-from kdscale.train.distributed import destroy_parallel, initialize_parallel
+from kdscale.models.parallel import destroy_parallel, initialize_parallel
 from tests.dist import run_distributed
 
 MODEL = ModelConfig(

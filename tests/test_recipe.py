@@ -20,6 +20,7 @@ import yaml
 from helpers_wandb import read_runs
 
 from kdscale.cli import main
+from kdscale.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = ["data", "teacher", "cache", "prune", "train", "baseline", "export", "report"]
@@ -114,7 +115,7 @@ def test_every_recipe_in_configs_passes_dry_run(tmp_path, capsys, path):
     """Real-scale recipes (teachers that are not on this machine) still plan and validate."""
     status, out, err = _run(capsys, str(path), "--dry-run", "--set", f"recipe.out={tmp_path / 'r'}")
     assert status == 0, err
-    stages = yaml.safe_load(path.read_text())["recipe"]["stages"]
+    stages = load_config([str(path)]).recipe.stages  # with its base files
     assert _plan(out) == dict.fromkeys(stages, "run")
 
 
@@ -238,7 +239,6 @@ def test_changed_config_refuses_then_force_reruns_that_stage_and_later(recipe_ru
 
 
 def test_deepspeed_engine_starts_from_the_pruned_model(tmp_path, capsys):
-    from kdscale.config import load_config
     from kdscale.recipe.plan import wire
 
     recipe = _recipe(tmp_path, "smollm2-135m", stages=["data", "teacher", "cache", "prune", "train"])

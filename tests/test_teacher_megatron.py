@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from kdscale.cache.codec import decode
-from kdscale.cache.reader import iter_cache_members
+from kdscale.cache.codec import TARGETS_MEMBER, decode
 from kdscale.cache.writer import ShardTask, write_cache_shard
 from kdscale.config import load_config
 from kdscale.data.manifest import load_tokens_manifest
+from kdscale.data.shards import check_sha256
+from kdscale.data.tarindex import ShardFiles, index_shard
 from kdscale.models.hf_io import import_hf
 from kdscale.teacher import build_teacher, teacher_tokenizer
 
@@ -36,7 +37,9 @@ def test_megatron_teacher_matches_hf_and_writes_a_cache(
     out = tmp_path / shard.name
     task = ShardTask("eval", str(tiny_tokens_dir / shard.name), shard.sha256, str(out), shard.samples, 32)
     record = write_cache_shard(task, mg, mg_cfg)
-    members = list(iter_cache_members(out, record.sha256))
-    assert len(members) == shard.samples
-    assert decode(members[0][1], mg_cfg.codec, 49152).ids.shape == (1, 32, 64)
+    check_sha256(out, record.sha256, "cache shard")
+    index = index_shard(out, TARGETS_MEMBER, "cache shard")
+    assert len(index) == shard.samples
+    first = ShardFiles().read(out, index, 0)
+    assert decode(first, mg_cfg.codec, 49152).ids.shape == (1, 32, 64)
     assert record.fidelity.kl_mean is not None and record.fidelity.kl_mean < 1.0

@@ -25,7 +25,7 @@ import pytest
 
 from kdscale.cli import main
 from kdscale.config import load_config
-from kdscale.train.checkpoint import latest_checkpoint, read_train_state, step_name
+from kdscale.models.checkpoints import latest_checkpoint, read_train_state, step_name
 from kdscale.train.stage import run
 from tests.dist import run_distributed
 from tests.helpers_train import assert_close, metrics, overrides, stop_then_rerun

@@ -1,6 +1,6 @@
 """The training data path and checkpoint bookkeeping, without a model.
 
-Random access (SampleStore) must return exactly what the cache reader streams; the global
+Random access (CachedSplit.targets) must return exactly what the cache reader streams; the global
 order must be a per-epoch permutation that any data-parallel split and any resume point
 reproduce; evaluation must count every held-out sample once; the ``latest`` pointer must never
 name a half-written checkpoint.
@@ -16,37 +16,36 @@ import numpy as np
 import pytest
 import torch
 
-from kdscale.cache.reader import open_cache
+from kdscale.cache.reader import CachedSplit, open_cache
 from kdscale.cache.targets import SparseTargets
 from kdscale.config import ModelConfig
 from kdscale.data.manifest import load_tokens_manifest
+from kdscale.data.store import TokenStore
 from kdscale.errors import KDScaleError
 from kdscale.models import count_parameters
-from kdscale.train.checkpoint import (
+from kdscale.models.checkpoints import (
     CHECKPOINTS,
     LATEST,
     STATE,
     latest_checkpoint,
-    remove_interrupted_saves,
     resolve_checkpoint,
     step_name,
 )
+from kdscale.train.checkpoint import remove_interrupted_saves
 from kdscale.train.loader import GlobalOrder, Needs, TrainLoader, eval_batches
 from kdscale.train.metrics import flops_per_token
-from kdscale.train.samples import SampleStore
 
 BOTH = Needs(tokens=True, targets=True)
 
 
 @pytest.fixture(scope="module")
-def store(tiny_tokens_dir: Path, tiny_cache_dir: Path) -> SampleStore:
-    tokens = load_tokens_manifest(tiny_tokens_dir)
+def store(tiny_tokens_dir: Path, tiny_cache_dir: Path) -> CachedSplit:
     cache = open_cache(tiny_cache_dir, tiny_tokens_dir, vocab_size=49152)
-    return SampleStore(tiny_tokens_dir, tokens, "train", cache)
+    return cache.split("train")
 
 
 def test_random_access_matches_the_cache_reader(
-    store: SampleStore, tiny_tokens_dir: Path, tiny_cache_dir: Path
+    store: CachedSplit, tiny_tokens_dir: Path, tiny_cache_dir: Path
 ) -> None:
     cache = open_cache(tiny_cache_dir, tiny_tokens_dir, vocab_size=49152)
     streamed = list(cache.iter_split("train"))
@@ -68,8 +67,8 @@ def test_cache_shard_of_other_samples_is_refused(
     first.write_bytes(second.read_bytes())  # same sample count, other keys
     tokens = load_tokens_manifest(tiny_tokens_dir)
     cache = open_cache(cache_dir, tiny_tokens_dir, vocab_size=49152)
-    bad = SampleStore(tiny_tokens_dir, tokens, "train", cache)
-    plain = SampleStore(tiny_tokens_dir, tokens, "train")
+    bad = cache.split("train")
+    plain = TokenStore(tiny_tokens_dir, tokens, "train")
     assert np.array_equal(bad.tokens(0), plain.tokens(0))  # the tokens are still readable
     with pytest.raises(KDScaleError, match="does not match its token shard"):
         bad.targets(0)
@@ -85,7 +84,7 @@ def test_global_order_is_a_seeded_permutation_per_epoch() -> None:
 
 
 def _loader(
-    store: SampleStore, consumed: int, dp_rank: int, dp_size: int, prefetch: int
+    store: CachedSplit, consumed: int, dp_rank: int, dp_size: int, prefetch: int
 ) -> TrainLoader:
     return TrainLoader(
         store, GlobalOrder(len(store), seed=7), consumed_samples=consumed, global_batch=8,
@@ -100,14 +99,14 @@ def _steps(loader: TrainLoader, count: int) -> list[torch.Tensor]:
         loader.close()
 
 
-def test_data_parallel_ranks_split_each_global_batch(store: SampleStore) -> None:
+def test_data_parallel_ranks_split_each_global_batch(store: CachedSplit) -> None:
     whole = _steps(_loader(store, 0, 0, 1, prefetch=0), 3)
     halves = [_steps(_loader(store, 0, rank, 2, prefetch=2), 3) for rank in range(2)]
     for step in range(3):
         assert torch.equal(torch.cat([halves[0][step], halves[1][step]]), whole[step])
 
 
-def test_targets_travel_with_their_tokens(store: SampleStore) -> None:
+def test_targets_travel_with_their_tokens(store: CachedSplit) -> None:
     loader = _loader(store, 0, 0, 1, prefetch=0)
     batch = loader.next_step()
     loader.close()
@@ -119,19 +118,19 @@ def test_targets_travel_with_their_tokens(store: SampleStore) -> None:
     assert torch.equal(got.ids, want.ids) and torch.equal(got.logp, want.logp)
 
 
-def test_resumed_loader_continues_the_same_order(store: SampleStore) -> None:
+def test_resumed_loader_continues_the_same_order(store: CachedSplit) -> None:
     straight = _steps(_loader(store, 0, 0, 1, prefetch=2), 5)
     resumed = _steps(_loader(store, 3 * 8, 0, 1, prefetch=2), 2)
     assert all(torch.equal(a, b) for a, b in zip(straight[3:], resumed))
 
 
-def test_epochs_wrap_without_dropping_samples(store: SampleStore) -> None:
+def test_epochs_wrap_without_dropping_samples(store: CachedSplit) -> None:
     steps = _steps(_loader(store, 0, 0, 1, prefetch=0), 392 // 8)
     rows = {tuple(row.tolist()) for step in steps for row in step}
     assert len(rows) == 392  # one epoch of 49 steps visits every sample once
 
 
-def test_eval_batches_count_every_sample_once(store: SampleStore) -> None:
+def test_eval_batches_count_every_sample_once(store: CachedSplit) -> None:
     limit, seen = 13, []
     for rank in range(2):
         count, batches = eval_batches(store, limit, micro_batch=2, dp_rank=rank, dp_size=2,

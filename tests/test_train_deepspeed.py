@@ -43,7 +43,7 @@ import torch
 
 from kdscale.cli import main
 from kdscale.config import load_config
-from kdscale.train.checkpoint import latest_checkpoint, read_train_state, step_name
+from kdscale.models.checkpoints import latest_checkpoint, read_train_state, step_name
 from kdscale.train.stage import run
 from tests.dist import run_distributed
 from tests.helpers_train import assert_close, metrics, overrides, stop_then_rerun
@@ -168,11 +168,11 @@ def test_exported_hf_dir_gives_the_engines_eval_loss(runs: Path, tiny_tokens_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdscale.data.manifest import load_tokens_manifest
-    from kdscale.train.samples import SampleStore
+    from kdscale.data.store import TokenStore
 
     model = AutoModelForCausalLM.from_pretrained(runs / "ref" / "hf", dtype=torch.float32)
     assert AutoTokenizer.from_pretrained(runs / "ref" / "hf").vocab_size == 49152
-    store = SampleStore(tiny_tokens_dir, load_tokens_manifest(tiny_tokens_dir), "eval")
+    store = TokenStore(tiny_tokens_dir, load_tokens_manifest(tiny_tokens_dir), "eval")
     tokens = torch.stack([torch.from_numpy(store.tokens(i).astype("int64")) for i in range(8)])
     with torch.no_grad():
         logits = model(input_ids=tokens[:, :-1]).logits

@@ -1,21 +1,10 @@
-"""Teacher-logit cache: codec, manifest, atomic shard writer, Ray runner, reader."""
+"""Teacher-logit cache: codec, manifest, atomic shard writer, Ray runner, reader.
 
-from kdscale.cache.codec import codec_fingerprint, codec_params, decode, encode
-from kdscale.cache.fidelity import fidelity, support_kl
-from kdscale.cache.reader import Cache, open_cache
-from kdscale.cache.sparsify import concat_positions, sparsify
+Only the in-memory target type is imported here (``kdscale.cache.SparseTargets``), so that the
+loss, which needs nothing else of this package, loads nothing else; import the rest from its
+module (``kdscale.cache.reader``, ``.codec``, ``.runner``, ...).
+"""
+
 from kdscale.cache.targets import SparseTargets
 
-__all__ = [
-    "Cache",
-    "SparseTargets",
-    "codec_fingerprint",
-    "codec_params",
-    "concat_positions",
-    "decode",
-    "encode",
-    "fidelity",
-    "open_cache",
-    "sparsify",
-    "support_kl",
-]
+__all__ = ["SparseTargets"]

@@ -40,6 +40,7 @@ from kdscale.errors import KDScaleError
 
 CODEC_VERSION = 1
 MAX_VOCAB = 1 << 24
+TARGETS_MEMBER = "targets"  # a cache shard's member holding one sample's encoded targets
 _MAGIC = b"KDSC"
 _HEADER = struct.Struct("<4sBB2x8sI")
 

@@ -1,29 +1,36 @@
-"""Read a cache in step with its token shards: ``(key, tokens, SparseTargets)`` per sample.
+"""Read a cache in step with its token shards: the one place tokens and cached targets are joined.
 
     cache = open_cache("runs/cache", "runs/tokens", vocab_size=49152)
-    for key, tokens, targets in cache.iter_split("train"):
+    for key, tokens, targets in cache.iter_split("train"):      # in stored order
         ...
+    samples = cache.split("train")                               # random access
+    tokens, targets = samples.tokens(i), samples.targets(i)
 
 :func:`open_cache` refuses a cache whose fingerprints do not match the token set (or the
-student's vocabulary, tokenizer or expected teacher), naming the field that differs. Reading
-checks that every cache member has the key of the token sample beside it.
+student's vocabulary, tokenizer or expected teacher), naming the field that differs. A cache
+shard is joined with its token shard the first time it is touched: both are indexed (tar headers
+only) and their keys compared position by position, so a cache shard that does not belong to
+its token shard is refused before any of its samples is used. Targets are decoded on demand,
+one sample at a time.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kdscale.cache.codec import decode
+from kdscale.cache.codec import TARGETS_MEMBER, decode
 from kdscale.cache.manifest import CacheManifest, load_cache_manifest
 from kdscale.cache.targets import SparseTargets
-from kdscale.cache.writer import TARGETS_MEMBER
 from kdscale.config.cache import CodecConfig
 from kdscale.data.manifest import TokensManifest, load_tokens_manifest
-from kdscale.data.shards import iter_shard_members, iter_token_shard
+from kdscale.data.shards import check_sha256
+from kdscale.data.store import TokenStore
+from kdscale.data.tarindex import ShardIndex, index_shard
 from kdscale.errors import KDScaleError
 
 
@@ -35,11 +42,6 @@ def _check(field: str, cache_value: object, expected: object, cache_dir: str | P
         )
 
 
-def iter_cache_members(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, bytes]]:
-    """``(key, codec blob)`` of one cache shard in stored order; damage raises naming the file."""
-    return iter_shard_members(path, TARGETS_MEMBER, "cache shard", sha256)
-
-
 @dataclass
 class Cache:
     """An opened, validated cache and the token set it belongs to."""
@@ -48,7 +50,7 @@ class Cache:
     tokens_root: Path
     manifest: CacheManifest
     tokens: TokensManifest
-    verify: bool = False
+    verify: bool = False  # iter_shard checks both files' sha256 against the manifests first
 
     @property
     def codec(self) -> CodecConfig:
@@ -71,27 +73,23 @@ class Cache:
             )
         return names
 
+    def split(self, split: str) -> "CachedSplit":
+        """Random access to ``split``'s samples with their targets (every shard must be cached)."""
+        return CachedSplit(self, split)
+
     def iter_shard(self, name: str) -> Iterator[tuple[str, np.ndarray, SparseTargets]]:
-        """Samples of one shard pair, keys checked position by position."""
-        token_rec = next(s for split in self.tokens.splits.values() for s in split.shards if s.name == name)
-        cache_rec = self.manifest.shards[name]
-        token_path, cache_path = self.tokens_root / name, self.root / name
-        codec, vocab = self.codec, self.vocab_size
-        tokens = iter_token_shard(token_path, token_rec.sha256 if self.verify else None)
-        members = iter_cache_members(cache_path, cache_rec.sha256 if self.verify else None)
-        count = 0
-        for count, ((key, ids), (cache_key, blob)) in enumerate(_zip_strict(tokens, members, name), 1):
-            if key != cache_key:
-                raise KDScaleError(
-                    f"{cache_path}: sample {count} has key {cache_key}, its token shard has {key}"
-                )
-            try:
-                targets = decode(blob, codec, vocab)
-            except KDScaleError as exc:
-                raise KDScaleError(f"{cache_path}: sample {key}: {exc}") from None
-            yield key, ids, targets
-        if count != cache_rec.samples:
-            raise KDScaleError(f"{cache_path}: {count} samples, the manifest says {cache_rec.samples}")
+        """``(key, tokens, targets)`` of one shard pair in stored order."""
+        split = next(s for s, rec in self.tokens.splits.items() if name in {x.name for x in rec.shards})
+        samples = self.split(split)
+        try:
+            shard = samples.names.index(name)
+            if self.verify:
+                token_rec = self.tokens.splits[split].shards[shard]
+                check_sha256(samples.paths[shard], token_rec.sha256, "token shard")
+                check_sha256(self.root / name, self.manifest.shards[name].sha256, "cache shard")
+            yield from samples.iter_shard(shard)
+        finally:
+            samples.close()
 
     def iter_split(self, split: str) -> Iterator[tuple[str, np.ndarray, SparseTargets]]:
         """Every sample of ``split`` in stored order."""
@@ -99,16 +97,60 @@ class Cache:
             yield from self.iter_shard(name)
 
 
-def _zip_strict(tokens: Iterator, members: Iterator, name: str) -> Iterator[tuple]:
-    sentinel = object()
-    while True:
-        a, b = next(tokens, sentinel), next(members, sentinel)
-        if a is sentinel and b is sentinel:
-            return
-        if a is sentinel or b is sentinel:
-            longer = "cache" if a is sentinel else "token"
-            raise KDScaleError(f"{name}: the {longer} shard has more samples than its partner")
-        yield a, b
+class CachedSplit(TokenStore):
+    """The samples of one split with their cached teacher targets. Thread-safe."""
+
+    has_targets = True
+
+    def __init__(self, cache: Cache, split: str) -> None:
+        super().__init__(cache.tokens_root, cache.tokens, split)
+        self._cache = cache
+        self._codec, self._vocab = cache.codec, cache.vocab_size
+        self.cache_paths = [cache.root / name for name in cache.shard_names(split)]
+        self._target_indexes: dict[int, ShardIndex] = {}
+        self._target_lock = threading.Lock()
+
+    def targets(self, i: int) -> SparseTargets:
+        """The teacher targets ``[1, seq_len, K]`` of sample ``i``."""
+        shard, position = self.locate(i)
+        return self._decode(shard, position)
+
+    def iter_shard(self, shard: int) -> Iterator[tuple[str, np.ndarray, SparseTargets]]:
+        """``(key, tokens, targets)`` of every sample of shard ``shard``, in stored order."""
+        index = self.target_index(shard)
+        first = int(self._starts[shard])
+        for position, key in enumerate(index.keys):
+            yield key, self.tokens(first + position), self._decode(shard, position)
+
+    def target_index(self, shard: int) -> ShardIndex:
+        """The cache shard's member index, checked key by key against its token shard."""
+        with self._target_lock:
+            found = self._target_indexes.get(shard)
+            if found is not None:
+                return found
+            tokens = self.index(shard)
+            path = self.cache_paths[shard]
+            found = index_shard(path, TARGETS_MEMBER, "cache shard")
+            if found.keys != tokens.keys:
+                position = next(
+                    (n for n, (a, b) in enumerate(zip(found.keys, tokens.keys)) if a != b),
+                    min(len(found), len(tokens)),
+                )
+                raise KDScaleError(
+                    f"{path}: sample {position} does not match its token shard (cache has "
+                    f"{len(found)} samples, tokens {len(tokens)}); the cache was made for other "
+                    "token shards"
+                )
+            self._target_indexes[shard] = found
+            return found
+
+    def _decode(self, shard: int, position: int) -> SparseTargets:
+        path = self.cache_paths[shard]
+        blob = self.files.read(path, self.target_index(shard), position)
+        try:
+            return decode(blob, self._codec, self._vocab)
+        except KDScaleError as exc:
+            raise KDScaleError(f"{path}: sample {position}: {exc}") from None
 
 
 def open_cache(
@@ -130,3 +172,10 @@ def open_cache(
     _check("teacher_fingerprint", header.teacher_fingerprint, teacher_fingerprint, cache_dir)
     _check("vocab_size", header.vocab_size, vocab_size, cache_dir)
     return Cache(Path(cache_dir), tokens_root, manifest, tokens, verify)
+
+
+def open_samples(
+    tokens_dir: str | Path, tokens: TokensManifest, split: str, cache: Cache | None = None
+) -> TokenStore:
+    """The samples of ``split``: tokens only, or joined with ``cache``'s targets when given."""
+    return cache.split(split) if cache is not None else TokenStore(tokens_dir, tokens, split)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from kdscale.cache.codec import decode, encode
+from kdscale.cache.codec import TARGETS_MEMBER, decode, encode
 from kdscale.cache.fidelity import fidelity, support_kl
 from kdscale.cache.manifest import CacheShardRecord, Fidelity
 from kdscale.cache.sparsify import concat_positions, sparsify
@@ -28,7 +28,6 @@ from kdscale.errors import KDScaleError
 from kdscale.io import atomic_open, sha256_file
 from kdscale.teacher.base import Teacher
 
-TARGETS_MEMBER = "targets"
 QUANT_CHECK_EVERY = 8  # every 8th member is decoded again to measure the quantization error
 
 

@@ -20,7 +20,7 @@ from kdscale.config.loss import KDLossConfig
 from kdscale.config.model import ModelConfig
 from kdscale.config.parallel import ParallelConfig
 from kdscale.config.prune import PruneConfig, PruneSearch, PruneTarget
-from kdscale.config.recipe import RECIPE_STAGES, RecipeConfig
+from kdscale.config.recipe import RecipeConfig
 from kdscale.config.tracking import WandbConfig
 from kdscale.config.train import TrainConfig
 
@@ -49,7 +49,6 @@ __all__ = [
     "PruneConfig",
     "PruneSearch",
     "PruneTarget",
-    "RECIPE_STAGES",
     "RecipeConfig",
     "Section",
     "TrainConfig",

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import Section
+from kdscale.config.base import RUNTIME, Section
 
 
 class CodecConfig(Section):
@@ -129,8 +129,11 @@ class CacheConfig(Section):
         16, ge=1, description="Fidelity (KL to the full teacher) is measured every N positions."
     )
     restart: bool = Field(
-        False, description="Discard an existing cache made with another codec/teacher/token set."
+        False, description="Discard an existing cache made with another codec/teacher/token set.",
+        json_schema_extra=RUNTIME,
     )
     codec: CodecConfig = Field(default_factory=CodecConfig, description="Target codec.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher model.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Ray actor pool.")
+    ray: RayConfig = Field(
+        default_factory=RayConfig, description="Ray actor pool.", json_schema_extra=RUNTIME
+    )

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from kdscale.config.base import Section
+from kdscale.config.base import RUNTIME, Section
 
 
 class DataConfig(Section):
@@ -38,7 +38,9 @@ class DataConfig(Section):
         "or nothing.",
     )
     batch_docs: int = Field(256, ge=1, description="Documents tokenized per batch.")
-    overwrite: bool = Field(False, description="Replace an existing output directory.")
+    overwrite: bool = Field(
+        False, description="Replace an existing output directory.", json_schema_extra=RUNTIME
+    )
 
     @field_validator("inputs", "eval_inputs")
     @classmethod

@@ -1,4 +1,9 @@
-"""Load, merge, validate and write configs; turn pydantic errors into one-line messages."""
+"""Load, merge, validate and write configs; turn pydantic errors into one-line messages.
+
+A YAML file may start from others: ``base: FILE`` (or a list of files; paths relative to the
+file) loads those first and overlays this file's keys on them, so recipes that differ in a few
+keys share one base (``configs/base/``).
+"""
 
 from __future__ import annotations
 
@@ -50,17 +55,29 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _read_yaml(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One config file's tree, its ``base`` files merged under it."""
     p = Path(path)
     if not p.is_file():
-        raise KDScaleError(f"config file {str(p)!r} not found")
+        where = f" (base of {seen[-1]})" if seen else ""
+        raise KDScaleError(f"config file {str(p)!r} not found{where}")
+    if p.resolve() in seen:
+        raise KDScaleError(f"config file {str(p)!r}: base files form a cycle")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise KDScaleError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise KDScaleError(f"config file {str(p)!r} must hold a mapping of sections")
-    return tree
+    bases = tree.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise KDScaleError(f"config file {str(p)!r}: base must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, _read_yaml(p.parent / base, (*seen, p.resolve())))
+    return _deep_merge(merged, tree)
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import Section
+from kdscale.config.base import RUNTIME, Section
 
-# Measured in /work/shared/notes/kd-measurements.md (SmolLM2-135M teacher, 8-layer pruned student).
+# Measured on SmolLM2-135M → an 8-layer pruned student (README, "The KD loss").
 RENORM_COLLAPSE_NOTE = (
     "renorm is blind to the student's mass outside the teacher's support, so with no LM term "
     "the student collapses (measured: held-out CE 9.05 nats vs 5.34 with the tail bucket)"
@@ -84,10 +84,13 @@ class KDLossConfig(Section):
     allow_renorm_without_lm: bool = Field(
         False, description="Permit missing_mass='renorm' with α reaching 1 (no LM term)."
     )
-    validate_inputs: bool = Field(
-        True,
-        description="Check each call (ids and labels in range, ids distinct, finite loss, some "
-        "unmasked token); costs one device→host sync per call.",
+    validate_every: int = Field(
+        100,
+        ge=0,
+        description="Check the loss inputs (ids and labels in range, ids distinct, finite loss, "
+        "some unmasked token) at the first step and then every N steps (0: never); each check "
+        "costs one device→host sync.",
+        json_schema_extra=RUNTIME,
     )
     overwrite_logits: bool = Field(
         True,

@@ -4,36 +4,51 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import Section
-
-# Model fields that change the tensors a checkpoint holds (numerics and dropout may differ).
-ARCHITECTURE_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "tie_embeddings",
-)  # fmt: skip
+from kdscale.config.base import NUMERICS, SHAPE, Section, tagged_fields
 
 
 class ModelConfig(Section):
     """Architecture and numerics of a megatron-core GPT student (or teacher)."""
 
-    num_layers: int = Field(2, ge=1, description="Transformer blocks.")
-    hidden_size: int = Field(64, ge=1, description="Model width.")
-    ffn_hidden_size: int = Field(176, ge=1, description="SwiGLU inner width.")
-    num_attention_heads: int = Field(4, ge=1, description="Query heads.")
-    num_query_groups: int = Field(2, ge=1, description="Key/value heads (GQA groups).")
+    # Shape: the tensors a checkpoint holds.
+    num_layers: int = Field(2, ge=1, description="Transformer blocks.", json_schema_extra=SHAPE)
+    hidden_size: int = Field(64, ge=1, description="Model width.", json_schema_extra=SHAPE)
+    ffn_hidden_size: int = Field(
+        176, ge=1, description="SwiGLU inner width.", json_schema_extra=SHAPE
+    )
+    num_attention_heads: int = Field(
+        4, ge=1, description="Query heads.", json_schema_extra=SHAPE
+    )
+    num_query_groups: int = Field(
+        2, ge=1, description="Key/value heads (GQA groups).", json_schema_extra=SHAPE
+    )
     kv_channels: int | None = Field(
-        None, ge=1, description="Per-head width; default hidden_size / num_attention_heads."
+        None,
+        ge=1,
+        description="Per-head width; default hidden_size / num_attention_heads.",
+        json_schema_extra=SHAPE,
     )
     vocab_size: int = Field(
         256,
         ge=2,
         description="Vocabulary size, used exactly (never padded): the KD loss and the teacher "
         "cache index the same ids, so it must be divisible by parallel.tensor.",
+        json_schema_extra=SHAPE,
     )
-    max_position_embeddings: int = Field(4096, ge=1, description="Longest sequence for RoPE.")
-    rotary_base: float = Field(10000.0, gt=0, description="RoPE theta.")
-    norm_epsilon: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
-    tie_embeddings: bool = Field(True, description="Share input embedding and output layer.")
+    tie_embeddings: bool = Field(
+        True, description="Share input embedding and output layer.", json_schema_extra=SHAPE
+    )
+    # Numerics: what the same tensors compute.
+    max_position_embeddings: int = Field(
+        4096, ge=1, description="Longest sequence for RoPE.", json_schema_extra=NUMERICS
+    )
+    rotary_base: float = Field(
+        10000.0, gt=0, description="RoPE theta.", json_schema_extra=NUMERICS
+    )
+    norm_epsilon: float = Field(
+        1e-5, gt=0, description="RMSNorm epsilon.", json_schema_extra=NUMERICS
+    )
+    # Training-time settings: free to differ from a checkpoint's.
     init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout.")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Hidden dropout.")
@@ -73,3 +88,14 @@ class ModelConfig(Section):
                 f"num_attention_heads={self.num_attention_heads}; set kv_channels"
             )
         return self
+
+
+def architecture_fields() -> tuple[str, ...]:
+    """Model fields that change the tensors a checkpoint holds."""
+    return tagged_fields(ModelConfig, "checkpoint", "shape")
+
+
+def checkpoint_fields() -> tuple[str, ...]:
+    """Model fields a checkpoint fixes: its tensors' shapes and what they compute (a model
+    started from a checkpoint takes these from it)."""
+    return architecture_fields() + tagged_fields(ModelConfig, "checkpoint", "numerics")

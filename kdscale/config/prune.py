@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kdscale.config.base import Section
+from kdscale.config.base import RUNTIME, Section
 
 
 class PruneTarget(Section):
@@ -56,7 +56,9 @@ class PruneConfig(Section):
     )
     split: str = Field("train", description="Token split used for calibration.")
     out: str = Field("", description="Pruned model directory to write.")
-    overwrite: bool = Field(False, description="Replace an existing output directory.")
+    overwrite: bool = Field(
+        False, description="Replace an existing output directory.", json_schema_extra=RUNTIME
+    )
     target: PruneTarget = Field(default_factory=PruneTarget, description="Pruned architecture.")
     calibration_samples: int = Field(
         256, ge=1, description="Token samples scored (the first ones of the split, in order)."

@@ -5,10 +5,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from kdscale.config.base import Section
+from kdscale.stages import RECIPE_STAGES
 
-# Every stage `kdscale run` knows, in the only order they can run.
-RECIPE_STAGES = ("data", "teacher", "cache", "prune", "train", "baseline", "export", "report")
-RecipeStage = Literal["data", "teacher", "cache", "prune", "train", "baseline", "export", "report"]
+RecipeStage = Literal[RECIPE_STAGES]
 
 
 class RecipeConfig(Section):

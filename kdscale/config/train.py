@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kdscale.config.base import Section
+from kdscale.config.base import RUNTIME, Section
 
 
 class LRConfig(Section):
@@ -133,39 +133,63 @@ class TrainConfig(Section):
         "auto",
         description="auto: continue from out/checkpoints/latest when it exists; never: refuse "
         "a run directory that has checkpoints; required: fail if there is none.",
+        json_schema_extra=RUNTIME,
     )
     save_every: int = Field(
-        1000, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
+        1000, ge=0, description="Save a checkpoint every N steps (0: only at the end).",
+        json_schema_extra=RUNTIME,
     )
     keep_checkpoints: int | None = Field(
-        None, ge=1, description="Keep only the newest N checkpoints (None: keep all)."
+        None, ge=1, description="Keep only the newest N checkpoints (None: keep all).",
+        json_schema_extra=RUNTIME,
     )
     exit_interval: int | None = Field(
         None,
         ge=1,
         description="Save and exit once the step is a multiple of N (fits a run into a "
         "scheduler's time slot); run the same command again to continue.",
+        json_schema_extra=RUNTIME,
     )
     eval_every: int = Field(
-        0, ge=0, description="Evaluate on the eval split every N steps and at the end (0: never)."
+        0,
+        ge=0,
+        description="Evaluate on the eval split every N steps and at the end (0: never).",
+        json_schema_extra=RUNTIME,
     )
     eval_batches: int | None = Field(
-        None, ge=1, description="Global batches of the eval split to evaluate (None: all of it)."
+        None,
+        ge=1,
+        description="Global batches of the eval split to evaluate (None: all of it).",
+        json_schema_extra=RUNTIME,
     )
-    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    log_every: int = Field(
+        10, ge=1, description="Log metrics every N steps.", json_schema_extra=RUNTIME
+    )
+    stop_check_every: int = Field(
+        10,
+        ge=1,
+        description="How often (in steps) the ranks agree on a pending SIGTERM/SIGUSR1; a stop is "
+        "also noticed at every log step. The check is one small all-reduce (a host sync).",
+        json_schema_extra=RUNTIME,
+    )
     prefetch_steps: int = Field(
-        2, ge=0, description="Steps of batches a background thread prepares ahead (0: none)."
+        2,
+        ge=0,
+        description="Steps of batches a background thread prepares ahead (0: none).",
+        json_schema_extra=RUNTIME,
     )
     peak_flops: float = Field(
         989e12,
         gt=0,
         description="Peak FLOP/s of one device, the MFU denominator (default: H100 SXM dense "
         "bf16); on CPU or other devices MFU is an estimate against this figure.",
+        json_schema_extra=RUNTIME,
     )
     nproc_per_node: int = Field(
         1,
         ge=1,
         description="`kdscale train` outside torchrun starts this many local ranks itself.",
+        json_schema_extra=RUNTIME,
     )
 
     @field_validator("micro_batch")

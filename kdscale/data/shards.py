@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import webdataset as wds
 
 from kdscale.data.manifest import ShardRecord
+from kdscale.data.tarindex import ShardFiles, index_shard
 from kdscale.errors import KDScaleError
 from kdscale.io import sha256_file
 
@@ -84,32 +83,32 @@ class TokenShardWriter:
         return self.records
 
 
-def iter_shard_members(
-    path: str | Path, member: str, what: str, sha256: str | None = None, decode: bool = False
-) -> Iterator[tuple[str, Any]]:
-    """Yield ``(key, member)`` of one webdataset shard in stored order (``decode``: .npy → array).
+def decode_tokens(blob: bytes, where: str) -> np.ndarray:
+    """The token array of one ``tokens.npy`` member (no pickle); a damaged one names ``where``."""
+    try:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise KDScaleError(f"{where}: damaged {TOKENS_MEMBER} member ({exc})") from None
 
-    A missing or structurally damaged shard raises :class:`KDScaleError` naming the file; with
-    ``sha256`` (from a manifest) any changed byte is caught before a sample is read.
-    """
+
+def check_sha256(path: str | Path, sha256: str, what: str) -> None:
+    """Refuse a file whose bytes differ from the manifest's sha256 (or that is missing)."""
     path = Path(path)
     if not path.is_file():
         raise KDScaleError(f"{what} {str(path)!r} is missing")
-    if sha256 is not None and sha256_file(path) != sha256:
+    if sha256_file(path) != sha256:
         raise KDScaleError(f"{what} {str(path)!r} is corrupt: sha256 differs from the manifest")
-    # One named shard is read whole, whatever the rank or worker: no node/worker splitting.
-    dataset = wds.WebDataset(
-        str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-    )
-    try:
-        for sample in dataset.decode() if decode else dataset:
-            if member not in sample:
-                raise KDScaleError(f"{path}: sample {sample['__key__']!r} has no {member} member")
-            yield sample["__key__"], sample[member]
-    except (ValueError, OSError, EOFError, tarfile.TarError) as exc:
-        raise KDScaleError(f"{path}: damaged {what} ({type(exc).__name__}: {exc})") from None
 
 
 def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` of one token shard in stored order (see :func:`iter_shard_members`)."""
-    return iter_shard_members(path, TOKENS_MEMBER, "token shard", sha256, decode=True)
+    """``(key, tokens)`` of one token shard in stored order; with ``sha256`` (from the manifest)
+    any changed byte is caught before a sample is read."""
+    if sha256 is not None:
+        check_sha256(path, sha256, "token shard")
+    index = index_shard(path, TOKENS_MEMBER, "token shard")
+    files = ShardFiles()
+    try:
+        for position, key in enumerate(index.keys):
+            yield key, decode_tokens(files.read(Path(path), index, position), f"{path}: {key}")
+    finally:
+        files.close()

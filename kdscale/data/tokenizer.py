@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from kdscale.errors import KDScaleError
-from kdscale.teacher.fixture import resolve_model_dir
+from kdscale.hub import resolve_model_dir
 
 
 @dataclass(frozen=True)

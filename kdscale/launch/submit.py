@@ -21,14 +21,9 @@ from typing import Any
 
 from kdscale.errors import ArgumentParser, KDScaleError
 from kdscale.launch import ray_jobs, slurm
+from kdscale.stages import STAGE_COMMANDS
 
 SUCCESS = {"slurm": "COMPLETED", "ray": "SUCCEEDED"}
-
-
-def _stages() -> list[str]:
-    from kdscale.cli import STAGES
-
-    return ["run", *STAGES]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="kdscale submit", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML (validated before submission)")
     p.add_argument("--launcher", required=True, choices=["slurm", "ray"])
-    p.add_argument("--stage", default="run", choices=_stages(),
+    p.add_argument("--stage", default="run", choices=["run", *STAGE_COMMANDS],
                    help="what the job runs: the whole recipe (`kdscale run`, default) or one stage")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="config override passed to the job (repeatable)")

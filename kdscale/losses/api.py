@@ -55,6 +55,7 @@ def kd_lm_loss(
     *,
     loss_mask: torch.Tensor | None = None,
     kd_weight: float | None = None,
+    validate: bool = True,
 ) -> KDLossOutput:
     """Per-token ``α·KD + (1-α)·LM`` from this rank's vocab shard of the student logits.
 
@@ -67,6 +68,9 @@ def kd_lm_loss(
         loss_mask: optional float ``[B, S]`` weights (0 drops a position).
         kd_weight: α for this step, ``kd_weight_at(cfg, step, total_steps)``; required unless
             the schedule is constant (then ``cfg.kd_weight``).
+        validate: check the inputs' values (ids and labels in range, distinct ids, finite
+            terms, some unmasked token): one device→host sync. Trainers pass it every
+            ``cfg.validate_every`` steps.
     """
     alpha = resolve_kd_weight(cfg, kd_weight)
     check_call(logits_SBV, targets, labels_BS, loss_mask, cfg)
@@ -125,7 +129,7 @@ def kd_lm_loss(
             "kd_weight": torch.tensor(alpha, dtype=cdt, device=loss_N.device),
             "tokens": token_N.sum().to(cdt),
         }
-        if cfg.validate_inputs:
+        if validate:
             counts = count_problems(
                 ids_NK, t_logp_NK, t_tail_N, labels_N, weight_N, kd_N, nll_N, vocab,
                 uses_tail=cfg.missing_mass == "tail",

@@ -2,10 +2,10 @@
 
 Shapes, dtypes and the target kind are checked in Python before any work. Data problems (ids or
 labels out of range, duplicate ids, NaN/Inf, a fully masked batch) are counted on the device
-while the loss is computed and read back with a single ``tolist()`` — one device→host sync per
-call, skipped entirely with ``loss.validate_inputs=false``. The counts come from tensors that
-are identical on every TP rank (targets, labels, all-reduced per-token values), so all ranks
-raise together and none is left waiting in a collective.
+while the loss is computed and read back with a single ``tolist()`` — one device→host sync, on
+the calls that ask for it (``validate=True``; trainers every ``loss.validate_every`` steps). The
+counts come from tensors that are identical on every TP rank (targets, labels, all-reduced
+per-token values), so all ranks raise together and none is left waiting in a collective.
 """
 
 from __future__ import annotations

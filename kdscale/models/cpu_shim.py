@@ -1,7 +1,7 @@
 """Make megatron-core 0.16.1 run on CPU-only torch with the gloo backend.
 
 megatron-core is written for CUDA. On a CPU-only torch build it fails at these points
-(measured in /work/shared/notes/cpu-facts.md §1; each raises "Torch not compiled with CUDA
+(README, "megatron-core on CPU"; each raises "Torch not compiled with CUDA
 enabled" unless noted):
 
 1. the RNG tracker (``model_parallel_cuda_manual_seed``, dropout under ``fork()``) reads and

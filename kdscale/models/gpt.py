@@ -8,14 +8,19 @@ chosen (``transformer_impl``) and usable; FP8 needs Transformer Engine on a CUDA
 The vocabulary is used exactly as configured (never padded to a multiple of 128·TP as
 megatron-LM does): the KD loss and the teacher cache index exact token ids.
 
-Example (after ``kdscale.train.distributed.initialize_parallel``)::
+Example (after ``kdscale.models.parallel.initialize_parallel``)::
 
     chunks = build_model_chunks(cfg.model, cfg.parallel)   # one GPTModel per virtual stage
+
+Students and teachers are built with ``returns="hidden"`` (:class:`HiddenStateGPTModel`): the
+last stage returns the final-norm hidden states, and the loss (or the teacher's scoring) applies
+the vocab-parallel output layer itself, so the caller sees where the logits are made.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +215,22 @@ def count_parameters(model: ModelConfig) -> int:
     )
 
 
+class HiddenStateGPTModel(GPTModel):
+    """megatron's GPTModel whose last stage returns the final-norm hidden states ``[S, B, H]``
+    rather than logits or a loss; :meth:`output_weight` and ``output_layer`` turn them into
+    vocab-parallel logits ``[S, B, V/TP]`` where the caller needs them."""
+
+    def _postprocess(self, hidden_states: torch.Tensor, **_: Any) -> torch.Tensor:
+        return hidden_states
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's vocab shard ``[V/TP, H]`` of the output layer's weight (the embedding's,
+        when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
 def build_gpt_model(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -217,16 +238,19 @@ def build_gpt_model(
     pre_process: bool,
     post_process: bool,
     vp_stage: int | None = None,
+    returns: Literal["logits", "hidden"] = "logits",
 ) -> GPTModel:
     """Build this rank's GPTModel chunk (after ``initialize_parallel``).
 
     ``pre_process``: the chunk holds the embedding; ``post_process``: the final norm and
-    output layer (vocab-parallel logits ``[S, B, V/TP]``, or per-token loss given labels).
-    The built parameter count is checked against the analytic one for this rank.
+    output layer. The last stage returns vocab-parallel logits ``[S, B, V/TP]`` (or the
+    per-token loss given labels), or with ``returns="hidden"`` the final-norm hidden states
+    (:class:`HiddenStateGPTModel`). The built parameter count is checked against the analytic
+    one for this rank.
     """
     validate_layout(model, parallel, torch.distributed.get_world_size())
     config = transformer_config(model, parallel)
-    gpt = GPTModel(
+    gpt = (HiddenStateGPTModel if returns == "hidden" else GPTModel)(
         config=config,
         transformer_layer_spec=_layer_spec(_use_transformer_engine(model)),
         vocab_size=model.vocab_size,
@@ -258,8 +282,11 @@ def build_gpt_model(
     return gpt
 
 
-def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[GPTModel]:
-    """This rank's model chunks: one, or one per virtual pipeline stage (interleaved 1F1B)."""
+def build_model_chunks(
+    model: ModelConfig, parallel: ParallelConfig, returns: Literal["logits", "hidden"] = "logits"
+) -> list[GPTModel]:
+    """This rank's model chunks: one, or one per virtual pipeline stage (interleaved 1F1B);
+    ``returns`` as in :func:`build_gpt_model`."""
     stages = range(parallel.virtual_pipeline) if parallel.virtual_pipeline else [None]
     return [
         build_gpt_model(
@@ -272,6 +299,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list[GPT
                 ignore_virtual=False, vp_stage=stage
             ),
             vp_stage=stage,
+            returns=returns,
         )
         for stage in stages
     ]

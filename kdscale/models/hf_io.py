@@ -1,6 +1,6 @@
 """``kdscale import-hf`` and ``kdscale export-hf``: HF Llama directories ↔ kdscale model dirs.
 
-    kdscale import-hf ~/models/SmolLM2-135M runs/smollm2   # → a step-0 checkpoint (model_dir.py)
+    kdscale import-hf ~/models/SmolLM2-135M runs/smollm2   # → a step-0 checkpoint (checkpoints.py)
     kdscale export-hf runs/pruned runs/pruned-hf            # → config.json, model.safetensors,
     kdscale export-hf runs/student runs/student-hf --tokenizer ~/models/SmolLM2-135M  # trained
 
@@ -30,8 +30,8 @@ from kdscale.models.hf_convert import (
     megatron_to_hf,
     model_to_hf_config,
 )
-from kdscale.models.session import parallel_session
-from kdscale.models.model_dir import HF_META, load_weights, open_model_dir, save_model_dir
+from kdscale.models.parallel import parallel_session
+from kdscale.models.checkpoints import HF_META, load_weights, open_model_dir, save_model_dir
 from kdscale.models.tp_state import gather_full_state, load_full_state
 
 log = get_logger(__name__)
@@ -104,7 +104,7 @@ def hf_state_of(ckpt: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
     """A kdscale checkpoint's full weights under transformers' Llama names (one rank, inside a
     parallel session)."""
     gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
-    load_weights(gpt, ckpt)
+    load_weights(ckpt, [gpt])
     return megatron_to_hf(gather_full_state(gpt), model)
 
 

@@ -31,9 +31,9 @@ from kdscale.errors import KDScaleError
 from kdscale.io import atomic_write_text
 from kdscale.logging import get_logger
 from kdscale.models import count_parameters
-from kdscale.models.session import parallel_session
+from kdscale.models.parallel import parallel_session
 from kdscale.prune.prune import target_model
-from kdscale.prune.stage import calibration_samples, prepare, score_source, write_pruned
+from kdscale.prune.scoring import calibration_samples, prepare, score_source, write_pruned
 
 log = get_logger(__name__)
 
@@ -90,7 +90,7 @@ def _name(i: int, m: ModelConfig) -> str:
 
 def _distill(cfg: KDScaleConfig, dst: ModelConfig, model_dir: Path, run_dir: Path) -> float:
     """Distill one candidate for ``search.steps`` steps; return its held-out metric."""
-    from kdscale.train.stage import run as train
+    from kdscale.train import run as train
 
     search = cfg.prune.search
     train_cfg = cfg.train.model_copy(

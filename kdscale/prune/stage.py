@@ -6,162 +6,23 @@
 
 Writes a model directory (as ``kdscale import-hf`` does) plus ``importance.json`` (scores, kept
 units, calibration loss before and after, timings) and ``importance.png``. Bad targets are
-refused before any model is loaded.
+refused before any model is loaded. With ``prune.search.enabled`` the shape is chosen by a
+search (:mod:`kdscale.prune.search`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-
-from kdscale.config import KDScaleConfig, ModelConfig, PruneConfig
-from kdscale.data.manifest import load_tokens_manifest
-from kdscale.errors import KDScaleError
+from kdscale.config import KDScaleConfig
 from kdscale.logging import get_logger
-from kdscale.models import build_gpt_model, count_parameters, validate_layout
-from kdscale.models.model_dir import HF_META, load_weights, open_model_dir, save_model_dir
-from kdscale.models.session import parallel_session
-from kdscale.models.tp_state import gather_full_state, load_full_state
-from kdscale.prune.importance import Importance, collect_importance, evaluate_loss
-from kdscale.prune.prune import apply_plan, head_dim, plan_pruning, target_model
-from kdscale.prune.report import report_json, report_png
-from kdscale.train.samples import SampleStore
+from kdscale.models.parallel import parallel_session
+from kdscale.prune.prune import target_model
+from kdscale.prune.scoring import calibration_samples, prepare, score_source, write_pruned
 
 log = get_logger(__name__)
-
-
-def calibration_samples(prune: PruneConfig, vocab_size: int) -> np.ndarray:
-    """The first ``calibration_samples`` token samples of the split, ``[N, S + 1]`` int64."""
-    manifest = load_tokens_manifest(prune.tokens)
-    if manifest.vocab_size > vocab_size:
-        raise KDScaleError(
-            f"prune.tokens={prune.tokens} was made with a {manifest.vocab_size}-token vocabulary; "
-            f"the model has {vocab_size}"
-        )
-    manifest.shard_paths(prune.tokens, prune.split)  # a clear error for an unknown split
-    store = SampleStore(prune.tokens, manifest, prune.split)
-    if len(store) == 0:
-        raise KDScaleError(f"prune.tokens={prune.tokens}: split {prune.split!r} has no samples")
-    count = min(prune.calibration_samples, len(store))
-    if count < prune.calibration_samples:
-        log.warning(
-            "calibrating on all %d samples of %r (asked for %d)",
-            count,
-            prune.split,
-            prune.calibration_samples,
-        )
-    length = (prune.calibration_seq_len or manifest.seq_len) + 1
-    return np.stack([store.tokens(i)[:length].astype(np.int64) for i in range(count)])
-
-
-def _batches(samples: np.ndarray, micro_batch_size: int) -> list[torch.Tensor]:
-    """This data-parallel rank's contiguous share of ``samples``, in micro-batches."""
-    dp, rank = (
-        parallel_state.get_data_parallel_world_size(),
-        parallel_state.get_data_parallel_rank(),
-    )
-    share = np.array_split(samples, dp)[rank]
-    return [
-        torch.from_numpy(share[i : i + micro_batch_size])
-        for i in range(0, len(share), micro_batch_size)
-    ]
-
-
-def _check(prune: PruneConfig) -> None:
-    missing = [f"prune.{k}" for k in ("model", "tokens", "out") if not getattr(prune, k)]
-    if missing:
-        raise KDScaleError(f"set {', '.join(missing)} (e.g. --model DIR --tokens DIR --out DIR)")
-    if Path(prune.out).exists() and not prune.overwrite:
-        raise KDScaleError(f"prune.out={prune.out} exists; pass --overwrite to replace it")
-
-
-@dataclass
-class Scored:
-    """The source model, scored: what every pruned shape is cut from (inside a parallel session)."""
-
-    ckpt: Path
-    src: ModelConfig
-    importance: Importance
-    full: dict[str, torch.Tensor]  # the source's unsharded weights
-    batches: list[torch.Tensor]  # this rank's calibration micro-batches
-    samples: np.ndarray
-    seconds: dict[str, float]
-
-
-def score_source(cfg: KDScaleConfig, ckpt: Path, src: ModelConfig, samples: np.ndarray) -> Scored:
-    """Load the source at ``cfg.parallel`` and score its units (collective; in a session)."""
-    prune = cfg.prune
-    started = time.perf_counter()
-    batches = _batches(samples, prune.micro_batch_size)
-    gpt = build_gpt_model(src, cfg.parallel, pre_process=True, post_process=True).eval()
-    load_weights(gpt, ckpt)
-    loaded = time.perf_counter()
-    importance = collect_importance(
-        gpt, batches, head_dim(src), prune.seq_aggregation, prune.batch_aggregation
-    )
-    seconds = {"load": round(loaded - started, 3), "score": round(time.perf_counter() - loaded, 3)}
-    return Scored(ckpt, src, importance, gather_full_state(gpt), batches, samples, seconds)
-
-
-def write_pruned(
-    cfg: KDScaleConfig, scored: Scored, dst: ModelConfig, out: str | Path
-) -> dict[str, Any]:
-    """Cut ``scored`` to ``dst``, measure its calibration loss, write the model dir ``out``."""
-    started = time.perf_counter()
-    plan = plan_pruning(scored.importance, scored.src, dst, cfg.prune.method, cfg.prune.seed)
-    small = build_gpt_model(dst, cfg.parallel, pre_process=True, post_process=True).eval()
-    load_full_state(small, apply_plan(scored.full, plan, scored.src, dst))
-    pruned_loss = evaluate_loss(small, scored.batches)
-    summary = _summary(
-        cfg,
-        scored.src,
-        dst,
-        scored.importance.loss,
-        pruned_loss,
-        scored.importance.tokens,
-        scored.samples,
-    )
-    summary["seconds"] = scored.seconds | {
-        "prune_and_evaluate": round(time.perf_counter() - started, 3)
-    }
-    extras = None
-    if dist.get_rank() == 0:
-        extras = {
-            "importance.json": report_json(scored.importance, plan, summary).encode(),
-            "importance.png": report_png(scored.importance, plan),
-        }
-    hf_meta = scored.ckpt / HF_META
-    origin = {"command": "prune", "source": str(scored.ckpt.resolve()), "loss": summary["loss"]}
-    save_model_dir(
-        out,
-        cfg.model_copy(update={"model": dst}),
-        small,
-        origin,
-        hf_meta if hf_meta.is_dir() else None,
-        cfg.prune.overwrite,
-        extras,
-    )
-    return summary | {"plan": plan}
-
-
-def prepare(cfg: KDScaleConfig) -> tuple[Path, ModelConfig, int]:
-    """Check the inputs cheaply: the source checkpoint, its model, the world size."""
-    _check(cfg.prune)
-    ckpt, src = open_model_dir(cfg.prune.model, "prune.model")
-    world = (
-        dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    )
-    validate_layout(src, cfg.parallel, world)
-    return ckpt, src, world
 
 
 def prune_model(cfg: KDScaleConfig) -> dict[str, Any]:
@@ -184,33 +45,6 @@ def prune_model(cfg: KDScaleConfig) -> dict[str, Any]:
     summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
     log.info("pruned %s → %s: %s", prune.model, prune.out, json.dumps(summary["loss"]))
     return summary | {"importance": scored.importance}
-
-
-def _summary(
-    cfg: KDScaleConfig,
-    src: ModelConfig,
-    dst: ModelConfig,
-    source_loss: float,
-    pruned_loss: float,
-    tokens: int,
-    samples: np.ndarray,
-) -> dict[str, Any]:
-    return {
-        "source": src.model_dump(),
-        "target": dst.model_dump(),
-        "parameters": {"source": count_parameters(src), "pruned": count_parameters(dst)},
-        "calibration": {
-            "split": cfg.prune.split,
-            "samples": len(samples),
-            "seq_len": samples.shape[1] - 1,
-            "tokens": tokens,
-            "seq_aggregation": cfg.prune.seq_aggregation,
-            "batch_aggregation": cfg.prune.batch_aggregation,
-            "method": cfg.prune.method,
-            "tensor_parallel": cfg.parallel.tensor,
-        },
-        "loss": {"source": source_loss, "pruned": pruned_loss},
-    }
 
 
 def run(cfg: KDScaleConfig) -> int:

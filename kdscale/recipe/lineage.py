@@ -34,7 +34,7 @@ def stage_artifact(cfg: KDScaleConfig, stage: str) -> ArtifactSpec:
     files = [directory / name for name in names]
     metadata: dict[str, str] = {"stage": stage, "recipe": cfg.recipe.name}
     if stage in ("train", "baseline"):
-        from kdscale.train.checkpoint import latest_checkpoint
+        from kdscale.models.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(directory)
         if ckpt is not None:

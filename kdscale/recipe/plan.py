@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kdscale.config import KDScaleConfig
-from kdscale.config.model import ARCHITECTURE_FIELDS
+from kdscale.config.base import runtime_keys
+from kdscale.config.model import checkpoint_fields
 from kdscale.errors import KDScaleError
 from kdscale.recipe.stages import STAGES, StageSpec
 
@@ -67,7 +68,7 @@ def _check_training(cfg: KDScaleConfig) -> None:
     """What can be checked of the training stages without their inputs: the batch split over
     the local ranks, and the loss against the kind of targets the cache will hold."""
     from kdscale.losses.checks import check_target_kind
-    from kdscale.train.checks import check_batch
+    from kdscale.train import check_batch
 
     ranks, parallel = cfg.train.nproc_per_node, cfg.parallel
     if ranks % (parallel.tensor * parallel.pipeline) == 0:
@@ -132,19 +133,19 @@ def _drop(tree: dict[str, Any], dotted: str) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node[part]
+        node = node.get(part, {})
     node.pop(leaf, None)
 
 
 def decisive_config(spec: StageSpec, cfg: KDScaleConfig) -> dict[str, Any]:
     """The config values that decide ``spec``'s output, as nested plain data."""
     tree = cfg.model_dump(mode="json")
-    ignored, decisive = list(spec.ignored), list(spec.decisive)
-    if spec.name in ("train", "baseline") and "prune" in cfg.recipe.stages:
-        ignored += [f"model.{f}" for f in ARCHITECTURE_FIELDS]  # the pruned model decides them
+    decisive = list(spec.decisive)
     if spec.name == "prune" and cfg.prune.search.enabled:  # candidates are distilled as trained
         decisive.append("train")
-        ignored += [k for k in STAGES["train"].ignored if k.startswith("train.")]
+    ignored = list(runtime_keys(KDScaleConfig, "")) + list(spec.ignored)
+    if spec.name in ("train", "baseline") and "prune" in cfg.recipe.stages:
+        ignored += [f"model.{f}" for f in checkpoint_fields()]  # the pruned model decides them
     for dotted in ignored:
         _drop(tree, dotted)
     return {key: value_at(tree, key) for key in decisive}

@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdscale.config import KDScaleConfig, ParallelConfig
-from kdscale.errors import KDScaleError
+from kdscale.config import KDScaleConfig
 from kdscale.io import atomic_write_bytes, atomic_write_text
 from kdscale.logging import get_logger
-from kdscale.recipe.stages import baseline_dir, pruned_model_dir, report_dir, teacher_dir
+from kdscale.recipe.layout import baseline_dir, pruned_model_dir, report_dir, teacher_dir
 
 log = get_logger(__name__)
 
@@ -37,46 +36,30 @@ def _models(cfg: KDScaleConfig) -> list[tuple[str, Path]]:
     return rows
 
 
-def _eval_limit(cfg: KDScaleConfig, available: int) -> int:
-    """Held-out samples evaluated: ``train.eval_batches`` global batches, as in training."""
+def _eval_limit(cfg: KDScaleConfig) -> int | None:
+    """Held-out samples evaluated: ``train.eval_batches`` global batches, as in training (None:
+    all of them)."""
     if cfg.train.eval_batches is None:
-        return available
-    return min(available, cfg.train.eval_batches * cfg.train.global_batch)
+        return None
+    return cfg.train.eval_batches * cfg.train.global_batch
 
 
 def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
     """Held-out metrics of every model of the recipe, on the same samples (one rank)."""
     from kdscale.models import count_parameters
-    from kdscale.train.checkpoint import read_model_config, read_train_state, resolve_checkpoint
-    from kdscale.train.checks import check_cache, check_tokens
-    from kdscale.train.distributed import destroy_parallel, initialize_parallel
-    from kdscale.train.evaluate import evaluate_checkpoint
-    from kdscale.train.samples import SampleStore
+    from kdscale.models.checkpoints import read_model_config, read_train_state, resolve_checkpoint
+    from kdscale.train import evaluate_model
 
     rows = []
     for label, path in _models(cfg):
         ckpt = resolve_checkpoint(path, label)
-        model = read_model_config(ckpt)
-        tokens = check_tokens(cfg.train.tokens, model, "train.tokens")
-        cache = None
-        if cfg.train.cache:
-            cache = check_cache(cfg.train.cache, cfg.train.tokens, tokens, model, cfg.loss)
-            try:
-                cache.shard_names("eval")
-            except KDScaleError:
-                cache = None  # the eval split is not cached: no KL column
-        store = SampleStore(cfg.train.tokens, tokens, "eval", cache)
-        initialize_parallel(ParallelConfig(), seed=0)
-        try:
-            result = evaluate_checkpoint(
-                ckpt, model, ParallelConfig(), cfg.loss, store, limit=_eval_limit(cfg, len(store)),
-                micro_batch=cfg.train.micro_batch, seq_len=tokens.seq_len,
-            )  # fmt: skip
-        finally:
-            destroy_parallel()
-            store.close()
+        result = evaluate_model(
+            ckpt, cfg.train.tokens, cache_dir=cfg.train.cache, cache_required=False,
+            loss=cfg.loss, limit=_eval_limit(cfg), micro_batch=cfg.train.micro_batch,
+        )  # fmt: skip
         rows.append({"model": label, "path": str(path), "step": read_train_state(ckpt)["step"],
-                     "parameters": count_parameters(model), **result.as_dict()})  # fmt: skip
+                     "parameters": count_parameters(read_model_config(ckpt)),
+                     **result.as_dict()})  # fmt: skip
         log.info("%s: %s", label, json.dumps(rows[-1]))
     return rows
 

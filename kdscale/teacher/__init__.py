@@ -15,7 +15,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
         from kdscale.teacher.megatron import MegatronTeacher
 
         return MegatronTeacher(cfg.model, device=cfg.device)
-    from kdscale.teacher.fixture import resolve_model_dir
+    from kdscale.hub import resolve_model_dir
     from kdscale.teacher.hf import HFTeacher
 
     return HFTeacher(resolve_model_dir(cfg.model), dtype=cfg.dtype, device=cfg.device)

@@ -2,8 +2,9 @@
 
 A backend runs the model body once over ``[B, S]`` tokens and then applies the output layer
 and log-softmax to one block of ``chunk`` positions at a time, so peak memory holds a single
-``[B, chunk, V]`` float32 block rather than ``[B, S, V]``. The megatron-core backend (TP
-inside a Ray actor group) implements the same protocol on the rank that drives the group.
+``[B, chunk, V]`` float32 block rather than ``[B, S, V]``. Two backends implement it: a Hugging
+Face causal LM (:mod:`kdscale.teacher.hf`) and a kdscale megatron-core checkpoint in one process
+at TP = PP = 1 (:mod:`kdscale.teacher.megatron`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The model is rebuilt from the checkpoint's ``model.yaml`` at TP = PP = 1 in this process and its
 weights loaded (dist_checkpointing reshards any saved layout). The decoder runs once over the
-batch; the output layer and log-softmax then run ``chunk`` positions at a time.
+batch (its last stage returns the final-norm hidden states); the output layer and log-softmax
+then run ``chunk`` positions at a time.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ class MegatronTeacher:
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
         from kdscale.models import build_gpt_model
-        from kdscale.models.model_dir import load_weights, open_model_dir
-        from kdscale.models.session import parallel_session
+        from kdscale.models.checkpoints import load_weights, open_model_dir
+        from kdscale.models.parallel import parallel_session
 
         self._session = contextlib.ExitStack()  # megatron's groups live as long as the teacher
         self._session.enter_context(parallel_session(ParallelConfig()))
         ckpt, self.model_config = open_model_dir(checkpoint, "cache.teacher.model")
-        gpt = build_gpt_model(self.model_config, ParallelConfig(), pre_process=True, post_process=True)
-        load_weights(gpt, ckpt)
+        gpt = build_gpt_model(
+            self.model_config, ParallelConfig(), pre_process=True, post_process=True,
+            returns="hidden",
+        )  # fmt: skip
+        load_weights(ckpt, [gpt])
         self.gpt = gpt.to(device).eval().requires_grad_(False)
         self._fingerprint: str | None = None
 
@@ -38,20 +42,12 @@ class MegatronTeacher:
         """The model's vocabulary (kdscale never pads it)."""
         return self.model_config.vocab_size
 
-    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states ``[S, B, H]``: the GPT forward without its output layer."""
-        self.gpt.post_process = False  # GPTModel returns the decoder output when not last stage
-        try:
-            return self.gpt(tokens, None, None)
-        finally:
-            self.gpt.post_process = True
-
     def logits_chunks(self, tokens: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, logp[B, c, V])`` float32 next-token log-probs, ``chunk`` positions at a time."""
         check_tokens(tokens, self.vocab_size, chunk)
-        weight = self.gpt.shared_embedding_or_output_weight() if self.gpt.share_embeddings_and_output_weights else None
+        weight = self.gpt.output_weight()
         with torch.no_grad():
-            hidden_SBH = self._hidden(tokens.to(next(self.gpt.parameters()).device))
+            hidden_SBH = self.gpt(tokens.to(weight.device), None, None)
             for start in range(0, tokens.shape[1], chunk):
                 logits_cBV, _ = self.gpt.output_layer(hidden_SBH[start : start + chunk], weight=weight)
                 logits = logits_cBV.float().transpose(0, 1)

@@ -1,10 +1,9 @@
-"""Checkpoints: megatron ``dist_checkpointing`` plus the files that make a directory self-contained.
+"""Training checkpoints: the weights plus what a run resumes from — optimizer state, the schedule,
+progress and RNG streams. The directory format (names, finding the latest, reading metadata,
+loading weights) is :mod:`kdscale.models.checkpoints`; training adds::
 
-    <out>/checkpoints/latest                 text file naming the newest complete checkpoint
-    <out>/checkpoints/step_000000100/        dist_checkpointing shards (model, optimizer)
-        model.yaml                           the model section it was built from
-        config.yaml                          the run's full resolved config
-        train_state.json                     step, consumed samples, LR schedule, layout, inputs
+    <out>/checkpoints/step_000000100/
+        <dist_checkpointing shards>          model and optimizer state
         rng/tp0-pp0-dp0.pt                   each rank's RNG streams
 
 Saves are atomic: every rank writes into ``.step_N.tmp``; only when all are done does rank 0
@@ -35,18 +34,22 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from kdscale.config import KDScaleConfig, ModelConfig, write_resolved_config
-from kdscale.config.model import ARCHITECTURE_FIELDS
-from kdscale.errors import KDScaleError
+from kdscale.config import KDScaleConfig, write_resolved_config
 from kdscale.io import atomic_open, atomic_write_text, fsync_dir
 from kdscale.logging import get_logger
+from kdscale.models.checkpoints import (
+    CHECKPOINTS,
+    LATEST,
+    MODEL_CONFIG,
+    STATE,
+    complete_steps,
+    model_sharded_state,
+    read_train_state,
+    step_name,
+)
 
 log = get_logger(__name__)
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE = "train_state.json"
-MODEL_CONFIG = "model.yaml"
 # The distributed optimizer's layout-independent format (per-parameter tensors).
 _OPTIMIZER_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
@@ -61,80 +64,6 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-
-
-def step_name(step: int) -> str:
-    """Directory name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"step_{step:09d}"
-
-
-def _steps(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE).is_file())
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The checkpoint ``<out>/checkpoints/latest`` names (or, if that pointer is missing or
-    dangling, the newest complete one); None when there is none."""
-    root = Path(out) / CHECKPOINTS
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / STATE).is_file():
-            return target
-        log.warning("%s names %s, which is not a complete checkpoint", pointer, target.name)
-    steps = _steps(root) if root.is_dir() else []
-    return steps[-1] if steps else None
-
-
-def resolve_checkpoint(path: str | Path, what: str) -> Path:
-    """A megatron step directory from a run directory, its ``checkpoints/`` or a step
-    directory (a DeepSpeed run is refused: its weights load through transformers)."""
-    path = Path(path)
-    found = path if (path / STATE).is_file() else latest_checkpoint(
-        path.parent if path.name == CHECKPOINTS else path
-    )
-    if found is not None:
-        engine = read_train_state(found).get("engine", "megatron")
-        if engine != "megatron":
-            raise KDScaleError(
-                f"{what}={str(path)!r} was trained with train.engine={engine}: its weights are not "
-                "a megatron checkpoint; use the Hugging Face directory the run exported "
-                "(<train.out>/hf), or `kdscale import-hf` it"
-            )
-        return found
-    raise KDScaleError(
-        f"{what}={str(path)!r} is not a kdscale checkpoint: expected a run directory with "
-        f"{CHECKPOINTS}/, or a step directory holding {STATE}"
-    )
-
-
-def read_train_state(ckpt: Path) -> dict[str, Any]:
-    """The ``train_state.json`` of a checkpoint."""
-    return json.loads((ckpt / STATE).read_text())
-
-
-def read_model_config(ckpt: Path) -> ModelConfig:
-    """The model config a checkpoint was built from."""
-    return ModelConfig.model_validate(yaml.safe_load((ckpt / MODEL_CONFIG).read_text()))
-
-
-def read_run_config(ckpt: Path) -> KDScaleConfig:
-    """The full resolved config of the run that wrote a checkpoint."""
-    return KDScaleConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-
-
-def check_architecture(ckpt: Path, model: ModelConfig, what: str) -> None:
-    """Refuse a checkpoint whose tensors do not fit ``model``, naming every differing field."""
-    saved = read_model_config(ckpt)
-    diffs = [
-        f"model.{f}={getattr(model, f)!r} (checkpoint: {getattr(saved, f)!r})"
-        for f in ARCHITECTURE_FIELDS
-        if getattr(model, f) != getattr(saved, f)
-    ]
-    if diffs:
-        raise KDScaleError(
-            f"{what}: checkpoint {ckpt} was built for another model: {'; '.join(diffs)}"
-        )
 
 
 def _layout() -> dict[str, int | None]:
@@ -177,7 +106,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _sharded_state(
     chunks: list[GPTModel], optimizer: MegatronOptimizer | None, loading: bool
 ) -> dict[str, Any]:
-    model = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    model = model_sharded_state(chunks)
     if optimizer is None:
         return model
     return model | {
@@ -264,7 +193,7 @@ def _commit(tmp: Path, final: Path) -> None:
 def _prune(root: Path, keep_last: int | None, keep: Path) -> None:
     if keep_last is None:
         return
-    for old in _steps(root)[:-keep_last]:
+    for old in complete_steps(root)[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -274,13 +203,6 @@ def remove_interrupted_saves(out: str | Path) -> None:
     root = Path(out) / CHECKPOINTS
     for tmp in root.glob(".step_*") if root.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_weights(ckpt: Path, chunks: list[GPTModel]) -> None:
-    """Load only the model weights of ``ckpt`` into this rank's chunks (any layout)."""
-    loaded = dist_checkpointing.load(_sharded_state(chunks, None, loading=True), str(ckpt))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"model{i}"])
 
 
 def load_checkpoint(

@@ -23,7 +23,7 @@ from kdscale.logging import get_logger
 from kdscale.losses import check_cache_temperature
 from kdscale.losses.checks import check_call
 from kdscale.models.gpt import validate_layout
-from kdscale.train.checkpoint import (
+from kdscale.models.checkpoints import (
     check_architecture,
     latest_checkpoint,
     read_train_state,

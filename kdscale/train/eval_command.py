@@ -42,36 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     """``kdscale eval``: returns a process exit status."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     from kdscale.config import ParallelConfig
-    from kdscale.errors import KDScaleError
-    from kdscale.models import validate_layout
-    from kdscale.train.checkpoint import read_model_config, read_run_config, resolve_checkpoint
-    from kdscale.train.checks import check_cache, check_tokens
-    from kdscale.train.distributed import destroy_parallel, initialize_parallel
-    from kdscale.train.evaluate import evaluate_checkpoint
-    from kdscale.train.samples import SampleStore
+    from kdscale.train.evaluate import evaluate_model
 
-    ckpt = resolve_checkpoint(args.checkpoint, "CKPT")
-    model_cfg, run_cfg = read_model_config(ckpt), read_run_config(ckpt)
-    tokens = check_tokens(args.data, model_cfg, "--data")
-    record = tokens.splits.get(args.split)
-    if record is None or not record.samples:
-        raise KDScaleError(f"--split {args.split}: {args.data} has no samples in that split")
-    parallel = ParallelConfig(tensor=args.tensor, pipeline=args.pipeline)
-    validate_layout(model_cfg, parallel, int(os.environ.get("WORLD_SIZE", "1")))
-    cache = None
-    if args.cache:
-        cache = check_cache(args.cache, args.data, tokens, model_cfg, run_cfg.loss)
-        cache.shard_names(args.split)
-    store = SampleStore(args.data, tokens, args.split, cache)
-    initialize_parallel(parallel, seed=run_cfg.train.seed)
-    try:
-        result = evaluate_checkpoint(
-            ckpt, model_cfg, parallel, run_cfg.loss, store, limit=args.max_samples or len(store),
-            micro_batch=args.micro_batch, seq_len=tokens.seq_len,
-        )  # fmt: skip
-    finally:
-        destroy_parallel()
-        store.close()
+    result = evaluate_model(
+        args.checkpoint, args.data, cache_dir=args.cache, split=args.split,
+        limit=args.max_samples, micro_batch=args.micro_batch,
+        parallel=ParallelConfig(tensor=args.tensor, pipeline=args.pipeline),
+    )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
             print(json.dumps(result.as_dict()))

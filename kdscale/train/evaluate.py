@@ -1,30 +1,43 @@
 """Held-out evaluation: LM loss, perplexity and (with cached targets) KL to the teacher.
 
-Used every ``train.eval_every`` steps by the trainer and by ``kdscale eval``
-(:mod:`kdscale.train.eval_command`). The KL is the ``kl`` metric of ``kd_lm_loss`` under the
-run's ``loss`` section: forward KL on the cached support (with ``missing_mass: tail`` the rest
-of the vocabulary is one more bucket). Data-parallel ranks split the samples.
+    result = evaluate_model("runs/student", "runs/tokens", cache_dir="runs/cache")   # a checkpoint
+    result = evaluate(chunks, objective, samples, limit, ...)   # the model being trained
+
+Used every ``train.eval_every`` steps by the megatron engine, by ``kdscale eval``
+(:mod:`kdscale.train.eval_command`) and by a recipe's report. The KL is the ``kl`` metric of
+``kd_lm_loss`` under the run's ``loss`` section: forward KL on the cached support (with
+``missing_mass: tail`` the rest of the vocabulary is one more bucket). Data-parallel ranks split
+the samples.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
-from kdscale.config import KDLossConfig, ModelConfig, ParallelConfig
-from kdscale.models import build_model_chunks
-from kdscale.train.checkpoint import load_weights
-from kdscale.train.distributed import device
+from kdscale.cache.reader import open_samples
+from kdscale.config import KDLossConfig, ParallelConfig
+from kdscale.data.store import TokenStore
+from kdscale.errors import KDScaleError
+from kdscale.models import build_model_chunks, validate_layout
+from kdscale.models.checkpoints import (
+    load_weights,
+    read_model_config,
+    read_run_config,
+    resolve_checkpoint,
+)
+from kdscale.models.parallel import device, parallel_session
+from kdscale.train.checks import check_cache, check_tokens
 from kdscale.train.loader import NOTHING, Needs, eval_batches
+from kdscale.train.loss_sums import SUMS
 from kdscale.train.metrics import perplexity, reports_loss, sum_to_all
-from kdscale.train.objective import SUMS, Objective, use_sparse_kd_loss
-from kdscale.train.samples import SampleStore
+from kdscale.train.objective import Objective
 
 
 @dataclass
@@ -62,23 +75,24 @@ def chunk_needs(model: torch.nn.Module, targets: bool) -> Needs:
 
 def evaluate(
     model: list[torch.nn.Module],
-    store: SampleStore,
+    objective: Objective,
+    samples: TokenStore,
     limit: int,
     *,
     micro_batch: int,
     seq_len: int,
-    kd_weight: float,
+    kd_weight: float | None,
     dp_rank: int,
     dp_size: int,
 ) -> EvalResult:
-    """Forward-only pass over the first ``limit`` samples of ``store`` (collective)."""
-    objective = Objective(kd=store.has_targets, device=device())
-    objective.kd_weight = kd_weight
+    """megatron's forward-only schedule over the first ``limit`` samples (collective);
+    ``kd_weight`` None evaluates the LM loss alone."""
+    objective.kd_weight, objective.validate = kd_weight, False
     iterators, micro_batches = [], 0
     for chunk in model:
         micro_batches, batches = eval_batches(
-            store, limit, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-            needs=chunk_needs(chunk, store.has_targets),
+            samples, limit, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size,
+            needs=chunk_needs(chunk, samples.has_targets),
         )  # fmt: skip
         iterators.append(batches)
     for chunk in model:
@@ -100,34 +114,55 @@ def evaluate(
     sums = torch.zeros(len(SUMS), dtype=torch.float64)
     if reports_loss():
         sums = torch.stack([o["sums"].double().cpu() for o in outputs]).sum(0)
-    return EvalResult.from_sums(sum_to_all(sums), store.has_targets)
+    return EvalResult.from_sums(sum_to_all(sums), kd_weight is not None)
 
 
-def evaluate_checkpoint(
-    ckpt: Path,
-    model_cfg: ModelConfig,
-    parallel: ParallelConfig,
-    loss: KDLossConfig,
-    store: SampleStore,
+def evaluate_model(
+    checkpoint: str | Path,
+    tokens_dir: str | Path,
     *,
-    limit: int,
-    micro_batch: int,
-    seq_len: int,
+    cache_dir: str | Path | None = None,
+    cache_required: bool = True,
+    loss: KDLossConfig | None = None,
+    split: str = "eval",
+    limit: int | None = None,
+    micro_batch: int = 4,
+    parallel: ParallelConfig | None = None,
 ) -> EvalResult:
-    """Build the model at ``parallel``, load ``ckpt``'s weights and evaluate the first ``limit``
-    samples of ``store`` under ``loss`` (collective)."""
-    chunks: list[GPTModel] = build_model_chunks(model_cfg, parallel)
-    load_weights(ckpt, chunks)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    for chunk in chunks:
-        use_sparse_kd_loss(chunk, loss, tp_group)
-    return evaluate(
-        chunks,
-        store,
-        limit,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        kd_weight=loss.kd_weight,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-    )
+    """Evaluate a checkpoint (run, checkpoints/ or step directory) on ``split`` of a token set,
+    with the KL to the teacher when ``cache_dir`` holds that split (else, unless
+    ``cache_required``, without). ``loss`` defaults to the checkpoint's run's. Collective over the
+    job's ranks (a world of one without a launcher)."""
+    parallel = parallel or ParallelConfig()
+    ckpt = resolve_checkpoint(checkpoint, "CKPT")
+    model_cfg, run_cfg = read_model_config(ckpt), read_run_config(ckpt)
+    loss = loss or run_cfg.loss
+    tokens = check_tokens(str(tokens_dir), model_cfg, "--data")
+    record = tokens.splits.get(split)
+    if record is None or not record.samples:
+        raise KDScaleError(f"--split {split}: {tokens_dir} has no samples in that split")
+    validate_layout(model_cfg, parallel, int(os.environ.get("WORLD_SIZE", "1")))
+    cache = None
+    if cache_dir:
+        cache = check_cache(str(cache_dir), str(tokens_dir), tokens, model_cfg, loss)
+        try:
+            cache.shard_names(split)
+        except KDScaleError:
+            if cache_required:
+                raise
+            cache = None  # the split is not cached: no KL
+    samples = open_samples(tokens_dir, tokens, split, cache)
+    try:
+        with parallel_session(parallel, seed=run_cfg.train.seed):
+            chunks = build_model_chunks(model_cfg, parallel, returns="hidden")
+            load_weights(ckpt, chunks)
+            objective = Objective(loss, parallel_state.get_tensor_model_parallel_group(), device())
+            return evaluate(
+                chunks, objective, samples, limit or len(samples),
+                micro_batch=micro_batch, seq_len=tokens.seq_len,
+                kd_weight=loss.kd_weight if samples.has_targets else None,
+                dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(),
+            )  # fmt: skip
+    finally:
+        samples.close()

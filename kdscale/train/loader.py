@@ -9,6 +9,11 @@ micro-batches. Tensor-parallel ranks of one data-parallel replica compute the sa
 ranks whose model chunks embed tokens (first pipeline stage) or compute the loss (last stage)
 read anything. Resuming from ``c`` reproduces the order exactly, whatever the layout and
 global batch were before.
+
+Samples come from a :class:`kdscale.data.store.TokenStore` (tokens only) or a
+:class:`kdscale.cache.reader.CachedSplit` (tokens and teacher targets). On a GPU the host
+tensors of each micro-batch are pinned by the loader thread, so that :func:`batch_to_device`
+copies them without blocking.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from kdscale.cache.targets import SparseTargets
-from kdscale.train.samples import SampleStore
+from kdscale.data.store import TokenStore
 
 
 @dataclass
@@ -76,10 +81,10 @@ class GlobalOrder:
 
 
 def assemble(
-    store: SampleStore, indices: list[int], needs: Needs, counted: np.ndarray | None = None
+    store: TokenStore, indices: list[int], needs: Needs, counted: np.ndarray | None = None
 ) -> MicroBatch:
     """Read and stack the samples ``indices`` into one micro-batch; ``counted`` (bool per
-    sample, default all) becomes the loss mask."""
+    sample, default all) becomes the loss mask. Pinned on a GPU machine."""
     if not (needs.tokens or needs.targets):
         return MicroBatch()
     tokens = torch.from_numpy(np.stack([store.tokens(i) for i in indices]).astype(np.int64))
@@ -90,7 +95,37 @@ def assemble(
     if counted is not None:
         seq = tokens.shape[1] - 1
         mask = torch.from_numpy(counted.astype(np.float32))[:, None].expand(-1, seq).contiguous()
-    return MicroBatch(tokens, targets, mask)
+    batch = MicroBatch(tokens, targets, mask)
+    return _pinned(batch) if torch.cuda.is_available() else batch
+
+
+def _pinned(batch: MicroBatch) -> MicroBatch:
+    def pin(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x.pin_memory() if x is not None else None
+
+    targets = batch.targets
+    if targets is not None:
+        targets = SparseTargets(
+            pin(targets.ids), pin(targets.logp), pin(targets.tail_logp), targets.kind
+        )
+    return MicroBatch(pin(batch.tokens), targets, pin(batch.mask))
+
+
+def batch_to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
+    """``batch`` with its tensors on ``device`` (the same object when already there); from
+    pinned memory the copies do not block the host."""
+    if batch.tokens is None or batch.tokens.device == device:
+        return batch
+
+    def move(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x.to(device, non_blocking=True) if x is not None else None
+
+    targets = batch.targets
+    if targets is not None:
+        targets = SparseTargets(
+            move(targets.ids), move(targets.logp), move(targets.tail_logp), targets.kind
+        )
+    return MicroBatch(move(batch.tokens), targets, move(batch.mask))
 
 
 class TrainLoader:
@@ -103,7 +138,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        store: SampleStore,
+        store: TokenStore,
         order: GlobalOrder,
         *,
         consumed_samples: int,
@@ -177,7 +212,7 @@ class TrainLoader:
 
 
 def eval_batches(
-    store: SampleStore,
+    store: TokenStore,
     limit: int,
     *,
     micro_batch: int,

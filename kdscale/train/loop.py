@@ -1,14 +1,18 @@
-"""The training loop both engines share: step, log, evaluate, save, stop — in that order.
+"""The training loop: one loop drives either engine — step, log, evaluate, save, stop, in that order.
 
-    with catch_stop_signals() as stop:
-        trainer = SomeEngineTrainer(cfg, inputs, stop)   # a TrainLoop subclass
-        trainer.fit()
+    train(cfg, inputs, parallel=cfg.parallel, build_engine=lambda: MegatronEngine(cfg, inputs))
 
-An engine (megatron: :mod:`kdscale.train.trainer`; DeepSpeed ZeRO: :mod:`kdscale.train.zero`)
-supplies one optimizer step (:meth:`TrainLoop.train_step`, which adds to the log window), a
-held-out evaluation (:meth:`TrainLoop.evaluate_samples`) and a checkpoint save
-(:meth:`TrainLoop.save`); this class decides when each happens, turns the window into the
-``metrics.jsonl`` / W&B line, and stops cleanly on SIGTERM/SIGUSR1 or ``train.exit_interval``.
+An engine (:class:`Engine`: megatron-core in :mod:`kdscale.train.megatron_engine`, DeepSpeed ZeRO
+in :mod:`kdscale.train.deepspeed_engine`) owns the model, the optimizer and their checkpoints and
+runs one optimizer step over the micro-batches it is handed. This loop owns the rest: the data
+order (:mod:`kdscale.train.loader`), the KD weight of each step, the log window and its sinks
+(console, ``metrics.jsonl``, W&B), when to evaluate and save, and clean stops (SIGTERM/SIGUSR1
+or ``train.exit_interval``).
+
+Host synchronisation: the loop adds none per step. Metric sums stay on the device between log
+steps; a log step reduces them over all ranks (one SUM and one MAX all-reduce: a host sync), and
+the ranks agree on a pending stop signal then and every ``train.stop_check_every`` steps (one
+small all-reduce). The syncs inside each engine's step are marked there.
 """
 
 from __future__ import annotations
@@ -16,21 +20,27 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from kdscale.config import KDScaleConfig, TrainConfig
+from kdscale.cache.reader import open_samples
+from kdscale.config import KDScaleConfig, ParallelConfig, TrainConfig, write_resolved_config
+from kdscale.data.store import TokenStore
 from kdscale.logging import get_logger
+from kdscale.losses import kd_weight_at
 from kdscale.models import count_parameters
+from kdscale.models.parallel import destroy_parallel, initialize_parallel
 from kdscale.tracking import Tracker, start_tracking
-from kdscale.train.checkpoint import Progress
+from kdscale.train.checkpoint import Progress, remove_interrupted_saves
 from kdscale.train.checks import RunInputs
 from kdscale.train.evaluate import EvalResult
-from kdscale.train.loader import GlobalOrder, Needs, TrainLoader
+from kdscale.train.loader import GlobalOrder, MicroBatch, Needs, TrainLoader
 from kdscale.train.loss_sums import SUMS
 from kdscale.train.metrics import (
     MetricsSink,
@@ -40,15 +50,61 @@ from kdscale.train.metrics import (
     sum_to_all,
     train_line,
 )
-from kdscale.train.samples import SampleStore
 
 log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step reports: this rank's :data:`~kdscale.train.loss_sums.SUMS` on the
+    device (None on ranks that compute no loss) and the global gradient norm (a float, a device
+    tensor, or None when the engine does not expose it)."""
+
+    sums: torch.Tensor | None
+    grad_norm: float | torch.Tensor | None
+
+
+class Engine(Protocol):
+    """What the loop needs from a training engine.
+
+    ``progress`` is where the run stands when the engine is built (restored from
+    ``inputs.resume_from``, else zero); ``needs`` what this rank reads of each micro-batch.
+    """
+
+    progress: Progress
+    needs: Needs
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    def train_step(
+        self, batches: list[MicroBatch], kd_weight: float | None, validate: bool
+    ) -> StepResult:
+        """One optimizer step over this rank's micro-batches (``kd_weight`` None: LM loss only;
+        ``validate``: check the loss inputs' values this step)."""
+        ...
+
+    def evaluate(self, samples: TokenStore, limit: int, kd_weight: float | None) -> EvalResult:
+        """Held-out metrics of the first ``limit`` samples (collective)."""
+        ...
+
+    def save(self, progress: Progress) -> Path:
+        """A checkpoint of the run at ``progress`` (collective); returns its directory."""
+        ...
+
+    def learning_rate(self) -> float:
+        """The rate of the last step."""
+        ...
+
+    def finish(self) -> None:
+        """Called once the run has reached ``train.steps`` (collective)."""
+        ...
+
+
 class StopRequest:
-    """Remembers a stop signal; :meth:`TrainLoop.fit` acts on it between steps."""
+    """Remembers a stop signal; the loop acts on it between steps."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -70,77 +126,84 @@ def catch_stop_signals() -> Iterator[StopRequest]:
             signal.signal(sig, handler)
 
 
+def train(
+    cfg: KDScaleConfig,
+    inputs: RunInputs,
+    parallel: ParallelConfig,
+    build_engine: Callable[[], Engine],
+) -> int:
+    """Run (or continue) training as configured, collective over all ranks; returns 0.
+
+    Signals are caught first, so one during set-up still ends in a clean stop; ``parallel`` is
+    the layout the engine's process groups need.
+    """
+    with catch_stop_signals() as stop:
+        initialize_parallel(parallel, seed=cfg.train.seed)
+        try:
+            if dist.get_rank() == 0:
+                out = Path(cfg.train.out)
+                out.mkdir(parents=True, exist_ok=True)
+                remove_interrupted_saves(out)
+                write_resolved_config(cfg, out)
+            loop = TrainLoop(cfg, inputs, build_engine(), stop)
+            try:
+                return loop.fit()
+            finally:
+                loop.close()
+        finally:
+            destroy_parallel()
+
+
+class LogWindow:
+    """Sums over the steps since the last log line, kept on the device until it is written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        """Add one step (no host sync: device tensors are added on the device)."""
+        if result.sums is not None:
+            self.sums += result.sums.to(torch.float64)
+        self.grad_norm += math.nan if result.grad_norm is None else result.grad_norm
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation, saving) out of the window."""
+        self.started += seconds
+
+
 class TrainLoop:
-    """The engine-independent part of a run. Subclasses set, in ``__init__``: ``cfg``,
-    ``inputs``, ``train_cfg``, ``out``, ``seq_len``, ``stop``, ``progress``, ``optimizer`` (its
-    ``param_groups`` carry the LR), ``scheduler`` (megatron's ``OptimizerParamScheduler``),
-    ``dp_rank``, ``dp_size``, then call :meth:`open_data_and_sinks`; and :meth:`close` at the
-    end."""
+    """The data, sinks and schedule of one run on this rank, around its engine."""
 
-    cfg: KDScaleConfig
-    inputs: RunInputs
-    train_cfg: TrainConfig
-    out: Path
-    seq_len: int
-    stop: StopRequest
-    progress: Progress
-    optimizer: Any
-    scheduler: Any
-    train_store: SampleStore
-    eval_store: SampleStore
-    loader: TrainLoader
-    dp_rank: int
-    dp_size: int
-    flops_per_token: float
-    sink: MetricsSink
-    window: dict[str, Any]
-
-    # --- what an engine provides ----------------------------------------------------------------
-
-    def train_step(self) -> None:
-        """One optimizer step over the next global batch; advances ``progress`` and calls
-        :meth:`record_step`."""
-        raise NotImplementedError
-
-    def evaluate_samples(self, limit: int) -> EvalResult:
-        """Evaluate the first ``limit`` samples of ``eval_store`` (collective)."""
-        raise NotImplementedError
-
-    def save(self) -> None:
-        """Save a checkpoint of ``progress`` (collective)."""
-        raise NotImplementedError
-
-    def kd_weight(self) -> float | None:
-        """α of the last step; None when training without teacher targets."""
-        raise NotImplementedError
-
-    # --- set-up ---------------------------------------------------------------------------------
-
-    def open_data_and_sinks(self, needs: Needs) -> None:
-        """Set ``train_store``, ``eval_store``, ``loader`` (from ``progress``), the MFU FLOP
-        count, the metrics sink and an empty window; needs ``cfg``, ``inputs``, ``progress``,
-        ``dp_rank``, ``dp_size`` set."""
-        train = self.train_cfg
-        self.train_store, self.eval_store = _open_stores(train, self.inputs)
+    def __init__(
+        self, cfg: KDScaleConfig, inputs: RunInputs, engine: Engine, stop: StopRequest
+    ) -> None:
+        self.cfg, self.inputs, self.engine, self.stop = cfg, inputs, engine, stop
+        self.train_cfg = train = cfg.train
+        self.out = Path(train.out)
+        self.seq_len = inputs.tokens.seq_len
+        self.progress = engine.progress
+        self.first_step = self.progress.step
+        self.kd_weight = cfg.loss.kd_weight if inputs.cache is not None else None  # last step's α
+        self.train_samples, self.eval_samples = _open_samples(train, inputs)
         self.loader = TrainLoader(
-            self.train_store,
-            GlobalOrder(len(self.train_store), train.seed),
+            self.train_samples,
+            GlobalOrder(len(self.train_samples), train.seed),
             consumed_samples=self.progress.consumed_samples,
             global_batch=train.global_batch,
             micro_batch=train.micro_batch,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-            needs=needs,
+            dp_rank=engine.dp_rank,
+            dp_size=engine.dp_size,
+            needs=engine.needs,
             prefetch=train.prefetch_steps,
         )
-        self.flops_per_token = flops_per_token(self.cfg.model, self.seq_len)
-        tracker = None
-        if dist.get_rank() == 0:
-            tracker = _run_tracker(self.cfg, self.inputs, self.out)
+        self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
+        tracker = _run_tracker(cfg, inputs, self.out) if dist.get_rank() == 0 else None
         self.sink = MetricsSink(self.out, tracker)
-        self.window = empty_window()
-
-    # --- the loop -------------------------------------------------------------------------------
+        self.window = LogWindow(engine.device)
 
     def fit(self) -> int:
         """Train until ``train.steps`` (or a stop request); save; return 0."""
@@ -152,9 +215,8 @@ class TrainLoop:
         while self.progress.step < train.steps:
             self.train_step()
             step = self.progress.step
-            if step % train.log_every == 0 or step == train.steps:
-                self.log_window()
-            stop = self.stop_requested()
+            stop = self.end_of_step()
+            began = time.perf_counter()
             if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
                 self.evaluate()
             exit_now = bool(train.exit_interval) and step % train.exit_interval == 0
@@ -162,45 +224,58 @@ class TrainLoop:
                 train.save_every and step % train.save_every == 0
             ):
                 self.save()
+            self.window.exclude(time.perf_counter() - began)
             if stop or exit_now:
                 reason = signal.Signals(stop).name if stop else "train.exit_interval"
                 log.info("stopping after step %d (%s); run again to resume", step, reason)
                 break
+        if self.progress.step >= train.steps:
+            self.engine.finish()
         return 0
 
-    def advance(self) -> None:
-        """Count one finished optimizer step of ``train.global_batch`` samples."""
+    def train_step(self) -> None:
+        """One optimizer step over the next global batch; adds it to the log window."""
+        step = self.progress.step  # 0-based index of this step
+        if self.kd_weight is not None:
+            self.kd_weight = kd_weight_at(self.cfg.loss, step, self.train_cfg.steps)
+        every = self.cfg.loss.validate_every
+        validate = step == self.first_step or bool(every and step % every == 0)
+        result = self.engine.train_step(self.loader.next_step(), self.kd_weight, validate)
         self.progress.step += 1
         self.progress.consumed_samples += self.train_cfg.global_batch
         self.progress.consumed_tokens += self.train_cfg.global_batch * self.seq_len
+        self.window.add(result)
 
-    def record_step(
-        self, sums: torch.Tensor | None, grad_norm: float | None, seconds: float
-    ) -> None:
-        """Add one step to the log window (``sums``: this rank's :data:`SUMS`, or None)."""
-        if sums is not None:
-            self.window["sums"] += sums.double().cpu()
-        self.window["steps"] += 1
-        self.window["grad_norm"] += grad_norm if grad_norm is not None else math.nan
-        self.window["seconds"] += seconds
+    def end_of_step(self) -> int:
+        """Write the log line at log steps; return the stop signal the ranks agree on (0: none).
 
-    # --- logging, evaluation, stopping ----------------------------------------------------------
+        The ranks compare notes at log steps and every ``train.stop_check_every`` steps.
+        """
+        step, train = self.progress.step, self.train_cfg
+        if step % train.log_every == 0 or step == train.steps:
+            return self.log_window()
+        if step % train.stop_check_every == 0:
+            flag = torch.tensor([float(self.stop.signum)])
+            return int(sum_to_all(flag, dist.ReduceOp.MAX).item())  # host sync (marked)
+        return 0
 
-    def log_window(self) -> None:
-        """Reduce the window over all ranks (one host sync) and write one metrics line."""
-        window, self.window = self.window, empty_window()
-        total = dict(zip(SUMS, sum_to_all(window["sums"]).tolist()))
-        memory = sum_to_all(torch.tensor([max_memory_gib()]), dist.ReduceOp.MAX).item()
+    def log_window(self) -> int:
+        """Reduce the window over all ranks (the host sync of a log step), write one metrics
+        line, start a new window; returns the agreed stop signal."""
+        window, self.window = self.window, LogWindow(self.window.sums.device)
+        total = dict(zip(SUMS, sum_to_all(window.sums).tolist()))  # host sync
+        memory, stop = sum_to_all(
+            torch.tensor([max_memory_gib(), float(self.stop.signum)]), dist.ReduceOp.MAX
+        ).tolist()
+        seconds = max(time.perf_counter() - window.started, 1e-9)
         train = self.train_cfg
-        tokens_per_s = window["steps"] * train.global_batch * self.seq_len / max(
-            window["seconds"], 1e-9
-        )
+        tokens_per_s = window.steps * train.global_batch * self.seq_len / seconds
         tokens = max(total["tokens"], 1.0)
         metrics = {
             "loss/total": total["loss"] / tokens,
             "loss/lm": total["lm"] / tokens,
-            "optim/lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-            "optim/grad_norm": window["grad_norm"] / window["steps"],
+            "optim/lr": self.engine.learning_rate(),
+            "optim/grad_norm": float(window.grad_norm) / window.steps,  # synced above
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/mfu": tokens_per_s * self.flops_per_token
             / (train.peak_flops * dist.get_world_size()),
@@ -208,42 +283,43 @@ class TrainLoop:
             "progress/consumed_samples": self.progress.consumed_samples,
             "progress/consumed_tokens": self.progress.consumed_tokens,
         }
-        kd_weight = self.kd_weight()
-        if kd_weight is not None:
+        if self.kd_weight is not None:
             metrics |= {
                 "loss/kd": total["kd"] / tokens,
                 "kd/kl": total["kl"] / tokens,
                 "kd/covered_mass": total["covered_mass"] / tokens,
-                "kd/weight": kd_weight,
+                "kd/weight": self.kd_weight,
             }
         self.sink.write(self.progress.step, metrics, train_line(metrics))
+        return int(stop)
 
     def evaluate(self) -> None:
         """Evaluate ``train.eval_batches`` global batches (all of the split by default); log."""
-        if not len(self.eval_store):
+        if not len(self.eval_samples):
             return
-        limit = len(self.eval_store)
+        limit = len(self.eval_samples)
         if self.train_cfg.eval_batches is not None:
             limit = self.train_cfg.eval_batches * self.train_cfg.global_batch
-        metrics = {f"eval/{k}": v for k, v in self.evaluate_samples(limit).as_dict().items()}
+        kd_weight = self.kd_weight if self.eval_samples.has_targets else None
+        result = self.engine.evaluate(self.eval_samples, limit, kd_weight)
+        metrics = {f"eval/{k}": v for k, v in result.as_dict().items()}
         self.sink.write(self.progress.step, metrics, eval_line(metrics))
+
+    def save(self) -> None:
+        """A checkpoint of this step (collective)."""
+        log.info("saved %s", self.engine.save(self.progress))
 
     def close(self) -> None:
         """Stop the loader thread, close files and the W&B run."""
         self.loader.close()
-        self.train_store.close()
-        self.eval_store.close()
+        self.train_samples.close()
+        self.eval_samples.close()
         self.sink.close()
 
-    def stop_requested(self) -> int:
-        """The stop signal any rank received (0: none); every rank gets the same answer."""
-        flag = torch.tensor([float(self.stop.signum)])
-        return int(sum_to_all(flag, dist.ReduceOp.MAX).item())
 
-
-def _open_stores(train: TrainConfig, inputs: RunInputs) -> tuple[SampleStore, SampleStore]:
+def _open_samples(train: TrainConfig, inputs: RunInputs) -> tuple[TokenStore, TokenStore]:
     """The train and eval splits; the eval split carries targets only if all of it is cached."""
-    train_store = SampleStore(train.tokens, inputs.tokens, "train", inputs.cache)
+    train_samples = open_samples(train.tokens, inputs.tokens, "train", inputs.cache)
     eval_cache = None
     if inputs.cache is not None:
         split = inputs.tokens.splits.get("eval")
@@ -252,7 +328,7 @@ def _open_stores(train: TrainConfig, inputs: RunInputs) -> tuple[SampleStore, Sa
             eval_cache = inputs.cache
         elif dist.get_rank() == 0:
             log.warning("the eval split is not cached: evaluating the LM loss without KL")
-    return train_store, SampleStore(train.tokens, inputs.tokens, "eval", eval_cache)
+    return train_samples, open_samples(train.tokens, inputs.tokens, "eval", eval_cache)
 
 
 def _run_tracker(cfg: KDScaleConfig, inputs: RunInputs, out: Path) -> Tracker:
@@ -263,9 +339,3 @@ def _run_tracker(cfg: KDScaleConfig, inputs: RunInputs, out: Path) -> Tracker:
         "parameters": count_parameters(cfg.model),
     }
     return start_tracking(cfg.wandb, "train", out, config)
-
-
-def empty_window() -> dict[str, Any]:
-    """A log window with no steps in it."""
-    return {"sums": torch.zeros(len(SUMS), dtype=torch.float64), "steps": 0,
-            "grad_norm": 0.0, "seconds": 0.0}  # fmt: skip

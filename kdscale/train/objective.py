@@ -1,10 +1,11 @@
-"""The per-micro-batch objective handed to megatron's schedules as ``forward_step_func``.
+"""The student's loss on one micro-batch, and the ``forward_step_func`` megatron's schedules run.
 
-With a cache, the loss is :func:`kdscale.losses.kd_lm_loss` on the student's vocab-parallel
-logits; without one, megatron's own vocab-parallel cross-entropy. Both run where GPTModel
-computes its LM loss (:func:`use_sparse_kd_loss`), so the logits stay in megatron's
-``[S, B, V/TP]`` layout and their storage can be reused by the loss, exactly as on the LM
-path; the model returns the per-token loss ``[B, S]`` either way.
+On the last pipeline stage the student returns its final-norm hidden states
+(:class:`kdscale.models.gpt.HiddenStateGPTModel`); :func:`student_loss` applies the
+vocab-parallel output layer and then :func:`kdscale.losses.kd_lm_loss` against the cached
+teacher targets, or megatron's vocab-parallel cross-entropy without a cache. The logits stay in
+megatron's ``[S, B, V/TP]`` layout and the loss is their last reader, so their storage can be
+reused by it.
 
 Losses are token sums: megatron's ``calculate_per_token_loss`` divides the gradients by the
 tokens of the whole global batch (summed over micro-batches and data-parallel ranks), so the
@@ -16,77 +17,58 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import get_attr_wrapped_model
 
-from kdscale.cache.targets import SparseTargets
 from kdscale.config.loss import KDLossConfig
 from kdscale.losses import kd_lm_loss
-from kdscale.train.loader import MicroBatch
-from kdscale.train.loss_sums import SUMS, token_sums
-
-__all__ = [
-    "SUMS", "Objective", "SparseKDLabels", "batch_to_device", "use_sparse_kd_loss",
-]  # fmt: skip
+from kdscale.models.gpt import HiddenStateGPTModel
+from kdscale.train.loader import MicroBatch, batch_to_device
+from kdscale.train.loss_sums import token_sums
 
 
-
-class SparseKDLabels:
-    """Labels that carry a micro-batch's teacher targets into GPTModel's loss computation."""
-
-    def __init__(
-        self,
-        labels_BS: torch.Tensor,
-        targets: SparseTargets,
-        mask_BS: torch.Tensor | None,
-        kd_weight: float,
-    ) -> None:
-        self.labels_BS, self.targets, self.mask_BS, self.kd_weight = (
-            labels_BS, targets, mask_BS, kd_weight,
-        )  # fmt: skip
-        self.metrics: dict[str, torch.Tensor] | None = None
-
-
-def use_sparse_kd_loss(
-    gpt: GPTModel, loss: KDLossConfig, tp_group: dist.ProcessGroup | None
-) -> None:
-    """Let ``gpt`` compute ``kd_lm_loss`` in place of its LM cross-entropy when its ``labels``
-    are :class:`SparseKDLabels` (tensor labels keep megatron's cross-entropy)."""
-    lm_loss = gpt.compute_language_model_loss
-
-    def compute(labels: Any, logits_SBV: torch.Tensor) -> torch.Tensor:
-        if not isinstance(labels, SparseKDLabels):
-            return lm_loss(labels, logits_SBV)
-        out = kd_lm_loss(
-            logits_SBV,
-            labels.targets,
-            labels.labels_BS,
-            loss,
-            tp_group,
-            loss_mask=labels.mask_BS,
-            kd_weight=labels.kd_weight,
-        )
-        labels.metrics = out.metrics
-        return out.loss
-
-    gpt.compute_language_model_loss = compute
+def student_loss(
+    gpt: HiddenStateGPTModel,
+    hidden_SBH: torch.Tensor,
+    batch: MicroBatch,
+    cfg: KDLossConfig,
+    kd_weight: float | None,
+    tp_group: dist.ProcessGroup | None,
+    validate: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Per-token loss ``[B, S]`` of ``batch`` from the last stage's hidden states, and the KD
+    metrics (None for the LM loss alone, ``kd_weight`` None)."""
+    weight = gpt.output_weight()
+    # bf16 runs: megatron's Float16Module hands the last stage's output back in fp32.
+    logits_SBV, _ = gpt.output_layer(hidden_SBH.to(weight.dtype), weight=weight)
+    labels_BS = batch.tokens[:, 1:]
+    if kd_weight is None:
+        return gpt.compute_language_model_loss(labels_BS, logits_SBV), None
+    out = kd_lm_loss(
+        logits_SBV, batch.targets, labels_BS, cfg, tp_group,
+        loss_mask=batch.mask, kd_weight=kd_weight, validate=validate,
+    )  # fmt: skip
+    return out.loss, out.metrics
 
 
 class Objective:
-    """``forward_step_func`` for megatron's schedules (one instance per run).
+    """``forward_step_func`` for megatron's schedules (one instance per engine).
 
-    ``kd_weight`` (α) is set by the trainer before each step. Every chunk draws one micro-batch
-    per call, so all chunks' iterators stay in step; a chunk that neither embeds tokens nor
-    computes the loss ignores it (and during evaluation is handed empty ones).
+    The engine sets ``kd_weight`` (α; None: LM loss only) and ``validate`` before each schedule
+    call. Every chunk draws one micro-batch per call, so all chunks' iterators stay in step; a
+    chunk that neither embeds tokens nor computes the loss ignores it (and during evaluation is
+    handed empty ones).
     """
 
-    def __init__(self, kd: bool, device: torch.device) -> None:
-        self.kd, self.device = kd, device
-        self.kd_weight = 1.0
+    def __init__(
+        self, cfg: KDLossConfig, tp_group: dist.ProcessGroup | None, device: torch.device
+    ) -> None:
+        self.cfg, self.tp_group, self.device = cfg, tp_group, device
+        self.kd_weight: float | None = None
+        self.validate = False
 
     def __call__(
         self, data_iterator: Iterator[MicroBatch], model: torch.nn.Module
@@ -94,33 +76,23 @@ class Objective:
         batch = batch_to_device(next(data_iterator), self.device)
         pre_process = get_attr_wrapped_model(model, "pre_process")
         post_process = get_attr_wrapped_model(model, "post_process")
-        inputs = batch.tokens[:, :-1] if pre_process else None
+        output = model(batch.tokens[:, :-1] if pre_process else None, None, None)
         if not post_process:
-            return model(inputs, None, None), _not_last_stage
-        labels: Any = batch.tokens[:, 1:]
-        if self.kd:
-            labels = SparseKDLabels(labels, batch.targets, batch.mask, self.kd_weight)
-        loss_BS = model(inputs, None, None, labels=labels)
-        return loss_BS, functools.partial(_reduce, labels, batch.mask)
-
-
-def batch_to_device(batch: MicroBatch, device: torch.device) -> MicroBatch:
-    """``batch`` with its tensors on ``device`` (the same object when already there)."""
-    if batch.tokens is None or batch.tokens.device == device:
-        return batch
-    return MicroBatch(
-        batch.tokens.to(device, non_blocking=True),
-        batch.targets.to(device) if batch.targets is not None else None,
-        batch.mask.to(device, non_blocking=True) if batch.mask is not None else None,
-    )
+            return output, _not_last_stage
+        gpt = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
+        loss_BS, metrics = student_loss(
+            gpt, output, batch, self.cfg, self.kd_weight, self.tp_group, self.validate
+        )
+        return loss_BS, functools.partial(_reduce, metrics, batch.mask)
 
 
 def _not_last_stage(output: torch.Tensor) -> tuple:
     raise AssertionError("megatron called the loss function on a stage without the loss")
 
 
-def _reduce(labels: Any, mask_BS: torch.Tensor | None, loss_BS: torch.Tensor) -> tuple:
+def _reduce(
+    metrics: dict[str, torch.Tensor] | None, mask_BS: torch.Tensor | None, loss_BS: torch.Tensor
+) -> tuple:
     """``(loss sum, token count, {"sums": metric sums})`` for megatron's per-token loss mode."""
-    metrics = labels.metrics if isinstance(labels, SparseKDLabels) else None
     total, tokens, sums = token_sums(loss_BS, mask_BS, metrics)
     return total, tokens.int(), {"sums": sums}

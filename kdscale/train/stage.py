@@ -1,7 +1,7 @@
 """``kdscale train``: train the student on token shards, distilling from a cache.
 
     kdscale train --config student.yaml --tokens runs/tokens --cache runs/cache --out runs/s
-    torchrun --nproc-per-node 8 -m kdscale.train.stage --config student.yaml   # same thing
+    torchrun --nproc-per-node 8 -m kdscale.cli train --config student.yaml   # same thing
 
 Everything is checked first (layout, batch split, cache fingerprints, vocab, temperature, a
 resumed run's inputs); then, outside torchrun with ``train.nproc_per_node`` > 1, this command
@@ -9,53 +9,53 @@ starts that many local ranks itself (:mod:`kdscale.train.launch`); otherwise it 
 process as one rank of the world the environment describes (a world of one without torchrun).
 Running the same command again resumes from the newest checkpoint in ``train.out``.
 
-``train.engine`` picks the engine: ``megatron`` (:mod:`kdscale.train.trainer`, any
-tensor × pipeline × data layout) or ``deepspeed`` (:mod:`kdscale.train.zero`, a transformers
-student under DeepSpeed ZeRO, data parallel only); checks, launching and resuming are the same.
+``train.engine`` picks the engine the shared loop (:mod:`kdscale.train.loop`) drives: ``megatron``
+(:mod:`kdscale.train.megatron_engine`, any tensor × pipeline × data layout) or ``deepspeed``
+(:mod:`kdscale.train.deepspeed_engine`, a transformers student under DeepSpeed ZeRO, data
+parallel only); checks, launching, resuming and metrics are the same.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from kdscale.config import KDScaleConfig, write_resolved_config
+from kdscale.config import KDScaleConfig, ParallelConfig, write_resolved_config
+from kdscale.train.checks import RunInputs
 
 
 def run(cfg: KDScaleConfig) -> int:
     """Check the run, then train here or on local ranks; returns a process exit status."""
-    from kdscale.train.checks import check_run
-
     under_launcher = "RANK" in os.environ
     nproc = cfg.train.nproc_per_node
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if under_launcher else nproc
-    if cfg.train.engine == "deepspeed":
-        from kdscale.train.zero.checks import check_zero_run
-
-        cfg, inputs, start = check_zero_run(cfg, world_size)  # architecture of the start
-    else:
-        inputs = check_run(cfg, world_size)
+    cfg, inputs, parallel, build_engine = _checked(cfg, world_size)
     if not under_launcher and nproc > 1:
         from kdscale.train.launch import launch_local
 
         config = write_resolved_config(cfg, Path(cfg.train.out))
         return launch_local(["train", "--config", str(config)], nproc)
+    from kdscale.train.loop import train
+
+    return train(cfg, inputs, parallel, build_engine)
+
+
+def _checked(
+    cfg: KDScaleConfig, world_size: int
+) -> tuple[KDScaleConfig, RunInputs, ParallelConfig, Callable]:
+    """The run's config, checked inputs, the layout its process groups need, and how to build
+    its engine."""
     if cfg.train.engine == "deepspeed":
-        from kdscale.train.zero.trainer import train_zero
+        from kdscale.train.deepspeed_engine.checks import check_deepspeed_run
+        from kdscale.train.deepspeed_engine.engine import DeepSpeedEngine
 
-        return train_zero(cfg, inputs, start)
-    from kdscale.train.trainer import train
+        cfg, inputs, start = check_deepspeed_run(cfg, world_size)  # the start's architecture
+        # Data parallel only; megatron's (TP=1) groups serve loading kdscale model directories.
+        return cfg, inputs, ParallelConfig(), lambda: DeepSpeedEngine(cfg, inputs, start)
+    from kdscale.train.checks import check_run
+    from kdscale.train.megatron_engine import MegatronEngine, check_megatron_run
 
-    return train(cfg, inputs)
-
-
-def main() -> int:
-    """``python -m kdscale.train.stage ARGS`` ≡ ``kdscale train ARGS`` (for torchrun)."""
-    from kdscale.cli import main as cli_main
-
-    return cli_main(["train", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    check_megatron_run(cfg, world_size)
+    inputs = check_run(cfg, world_size)
+    return cfg, inputs, cfg.parallel, lambda: MegatronEngine(cfg, inputs)

@@ -51,7 +51,7 @@ from kdscale.cache.fidelity import fidelity, support_kl  # noqa: E402
 from kdscale.cache.sparsify import sparsify  # noqa: E402
 from kdscale.cache.targets import SparseTargets  # noqa: E402
 from kdscale.config.cache import CodecConfig  # noqa: E402
-from kdscale.teacher.fixture import resolve_model_dir  # noqa: E402
+from kdscale.hub import resolve_model_dir  # noqa: E402
 from kdscale.teacher.hf import HFTeacher  # noqa: E402
 
 MODULES = ("json/decoder.py", "textwrap.py", "heapq.py", "bisect.py", "fnmatch.py",

@@ -6,8 +6,9 @@
 One process, one rank (on CPU: gloo, a world of one). The same random Llama student (saved by
 transformers; ``import-hf`` of it starts the megatron engine) trains on the same batches with
 the same cached-target KD loss, schedule and optimizer settings in three real trainers: the
-megatron engine (:class:`kdscale.train.trainer.Trainer`) and the DeepSpeed engine
-(:class:`kdscale.train.zero.trainer.ZeroTrainer`) at ZeRO stages 1 and 3. Steps run in
+megatron engine (:class:`kdscale.train.megatron_engine.MegatronEngine`) and the DeepSpeed engine
+(:class:`kdscale.train.deepspeed_engine.engine.DeepSpeedEngine`) at ZeRO stages 1 and 3, each
+driven by the shared loop. Steps run in
 alternating blocks after a warm-up block each; prints one JSON line per engine (median and
 fastest step time) and a summary line with the ratios DeepSpeed / megatron (ratios inside one
 run; absolute times depend on the machine). Data is built as in ``bench_train.py``.
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import bench_parser, run_bench, _step_times  # noqa: E402
+from bench_train import _step_times, bench_parser, build_loop, run_bench  # noqa: E402
 
 from kdscale.config import load_config  # noqa: E402
 
@@ -55,11 +56,11 @@ def _config(args: argparse.Namespace, out: Path, engine: dict):
 def _bench(args: argparse.Namespace, work: Path) -> None:
     from kdscale.config import ParallelConfig
     from kdscale.models.hf_io import import_hf
+    from kdscale.models.parallel import destroy_parallel, initialize_parallel
     from kdscale.train.checks import check_run
-    from kdscale.train.distributed import destroy_parallel, initialize_parallel
-    from kdscale.train.trainer import Trainer
-    from kdscale.train.zero.checks import check_zero_run
-    from kdscale.train.zero.trainer import ZeroTrainer
+    from kdscale.train.deepspeed_engine.checks import check_deepspeed_run
+    from kdscale.train.deepspeed_engine.engine import DeepSpeedEngine
+    from kdscale.train.megatron_engine import MegatronEngine
 
     hf = _student(work / "student", args)
     model = import_hf(hf, work / "student_mg")
@@ -67,14 +68,21 @@ def _bench(args: argparse.Namespace, work: Path) -> None:
     megatron |= {"train.init": str(work / "student_mg")}
     megatron_cfg = _config(args, work / "megatron", megatron)
     initialize_parallel(ParallelConfig(), seed=0)
-    trainers = {"megatron": Trainer(megatron_cfg, check_run(megatron_cfg, world_size=1))}
+    megatron_inputs = check_run(megatron_cfg, world_size=1)
+    trainers = {
+        "megatron": build_loop(
+            megatron_cfg, megatron_inputs, MegatronEngine(megatron_cfg, megatron_inputs)
+        )
+    }
     for stage in (1, 3):
         cfg = _config(args, work / f"zero{stage}", {
             "train.engine": "deepspeed", "train.deepspeed.zero_stage": stage,
             "train.deepspeed.model": str(hf),
         })  # fmt: skip
-        cfg, inputs, start = check_zero_run(cfg, world_size=1)
-        trainers[f"deepspeed_zero{stage}"] = ZeroTrainer(cfg, inputs, start)
+        cfg, inputs, start = check_deepspeed_run(cfg, world_size=1)
+        trainers[f"deepspeed_zero{stage}"] = build_loop(
+            cfg, inputs, DeepSpeedEngine(cfg, inputs, start)
+        )
     try:
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for trainer in trainers.values():

@@ -106,7 +106,7 @@ def _init_megatron() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     os.environ.setdefault("LOCAL_RANK", "0")
     from kdscale.config import ParallelConfig
-    from kdscale.train.distributed import initialize_parallel  # imports kdscale.models first
+    from kdscale.models.parallel import initialize_parallel  # imports kdscale.models first
 
     initialize_parallel(ParallelConfig(), seed=0)
 

@@ -30,8 +30,8 @@ from kdscale.config import load_config  # noqa: E402
 
 def _held_out_loss(model_dir: Path, tokens: Path, samples: int, seq_len: int) -> float:
     from kdscale.models import build_gpt_model
-    from kdscale.models.model_dir import load_weights, open_model_dir
-    from kdscale.models.session import parallel_session
+    from kdscale.models.checkpoints import load_weights, open_model_dir
+    from kdscale.models.parallel import parallel_session
     from kdscale.prune.importance import evaluate_loss
     from kdscale.prune.stage import calibration_samples
 
@@ -50,7 +50,7 @@ def _held_out_loss(model_dir: Path, tokens: Path, samples: int, seq_len: int) ->
     batch = calibration_samples(cfg.prune, model.vocab_size)
     with parallel_session(cfg.parallel):
         gpt = build_gpt_model(model, cfg.parallel, pre_process=True, post_process=True).eval()
-        load_weights(gpt, ckpt)
+        load_weights(ckpt, [gpt])
         return evaluate_loss(
             gpt, [torch.from_numpy(batch[i : i + 4]) for i in range(0, len(batch), 4)]
         )
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--random-seeds", type=int, default=2)
     args = parser.parse_args()
-    from kdscale.teacher.fixture import resolve_model_dir
+    from kdscale.hub import resolve_model_dir
 
     with tempfile.TemporaryDirectory(prefix="kdscale-bench-prune-") as tmp:
         root = Path(tmp)

@@ -40,7 +40,7 @@ def _make_inputs(root: Path, seq_len: int) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kdscale.teacher.fixture import resolve_model_dir
+    from kdscale.hub import resolve_model_dir
 
     tokens, cache, teacher = root / "tokens", root / "cache", root / "teacher"
     assert kdscale(["data", "--input", "stdlib:python/json", "--seq-len", str(seq_len),
@@ -68,6 +68,7 @@ def _config(args: argparse.Namespace, out: Path, cache: Path | None):
         "model.max_position_embeddings": 4096, "train.tokens": str(args.tokens),
         "train.out": str(out), "train.steps": 10_000, "train.global_batch": args.batch,
         "train.micro_batch": args.batch, "train.log_every": 10_000, "train.save_every": 0,
+        "train.stop_check_every": args.stop_check_every,
         "wandb.enabled": False,
     }  # fmt: skip
     if cache is not None:
@@ -75,26 +76,39 @@ def _config(args: argparse.Namespace, out: Path, cache: Path | None):
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-def _step_times(trainer, count: int) -> list[float]:
+def _step_times(loop, count: int) -> list[float]:
+    """Seconds of ``count`` loop iterations as ``fit`` runs them between log steps: the step
+    and the end-of-step bookkeeping (stop checks), no logging, evaluation or saving."""
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        trainer.train_step()
+        loop.train_step()
+        loop.end_of_step()
         times.append(time.perf_counter() - start)
     return times
 
 
+def build_loop(cfg, inputs, engine):
+    """The shared training loop of ``cfg`` around ``engine`` (outside ``fit``)."""
+    from kdscale.train.loop import StopRequest, TrainLoop
+
+    return TrainLoop(cfg, inputs, engine, StopRequest())
+
+
 def _bench(args: argparse.Namespace, work: Path) -> None:
+    from kdscale.models.parallel import destroy_parallel, initialize_parallel
     from kdscale.train.checks import check_run
-    from kdscale.train.distributed import destroy_parallel, initialize_parallel
-    from kdscale.train.trainer import Trainer
+    from kdscale.train.megatron_engine import MegatronEngine
 
     configs = {"kd": _config(args, work / "kd", args.cache), "lm": _config(args, work / "lm", None)}
     inputs = {name: check_run(cfg, world_size=1) for name, cfg in configs.items()}
     seq_len = inputs["kd"].tokens.seq_len
     step_tokens = args.batch * seq_len
     initialize_parallel(configs["kd"].parallel, seed=0)
-    trainers = {name: Trainer(cfg, inputs[name]) for name, cfg in configs.items()}
+    trainers = {
+        name: build_loop(cfg, inputs[name], MegatronEngine(cfg, inputs[name]))
+        for name, cfg in configs.items()
+    }
     try:
         times: dict[str, list[float]] = {"kd": [], "lm": []}
         for name, trainer in trainers.items():
@@ -142,6 +156,8 @@ def bench_parser(description: str, compared: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=4, help="samples per step (one micro-batch)")
     parser.add_argument("--block", type=int, default=3, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=4, help=f"timed blocks per {compared}")
+    parser.add_argument("--stop-check-every", type=int, default=10,
+                        help="train.stop_check_every of the timed runs")
     return parser
 
 

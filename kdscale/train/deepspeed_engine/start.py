@@ -3,7 +3,7 @@
     start = resolve_start(cfg.train.deepspeed.model, cfg.model)   # cheap: configs only
     model = build_student(start, seed=cfg.train.seed)              # collective for model dirs
 
-The source is a Hugging Face Llama directory, a fixture name (:mod:`kdscale.teacher.fixture`),
+The source is a Hugging Face Llama directory, a fixture name (:mod:`kdscale.hub`),
 a kdscale model directory (``import-hf``, ``prune``, a megatron run; converted with
 :mod:`kdscale.models.hf_convert`), or nothing (a random Llama of the ``model`` section, seeded).
 The architecture is the source's; ``model.precision`` and ``model.attention_dropout`` stay the
@@ -22,10 +22,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kdscale.config import ModelConfig
 from kdscale.errors import KDScaleError
+from kdscale.hub import FIXTURES, resolve_model_dir
+from kdscale.models.checkpoints import HF_META, open_model_dir, read_train_state
 from kdscale.models.hf_convert import hf_config_to_model, model_to_hf_config
-from kdscale.models.model_dir import HF_META, open_model_dir
-from kdscale.teacher.fixture import FIXTURES, resolve_model_dir
-from kdscale.train.checkpoint import read_train_state
 
 # ModelConfig fields the run keeps when the architecture comes from elsewhere.
 _RUN_FIELDS = ("precision", "attention_dropout")

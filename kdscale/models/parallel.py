@@ -1,25 +1,26 @@
-"""Process-group and model-parallel setup, once per process at stage entry.
+"""The one door into megatron's parallel state: process group, tensor × pipeline × data groups, seeds.
 
-    validate_layout(cfg.model, cfg.parallel, world_size)   # cheap checks first
-    initialize_parallel(cfg.parallel, seed=cfg.train.seed)
-    ...                                                    # build, train
-    destroy_parallel()
+    with parallel_session(cfg.parallel, seed=cfg.train.seed):   # or initialize/destroy_parallel
+        chunks = build_model_chunks(cfg.model, cfg.parallel)
 
-Launch with torchrun (or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-LOCAL_RANK): the backend is nccl on a GPU and gloo on CPU. Without those variables the process
-is a world of one (an in-memory store, no network). All groups come from megatron's
-``parallel_state``; nothing here builds groups or computes ranks itself.
+Launched ranks (torchrun, srun, ``kdscale train`` with ``train.nproc_per_node``; RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT, LOCAL_RANK set) join the job's world; a bare process (a CLI command, a
+Ray actor, a test) is a world of one on an in-memory store, with no port to pick. The backend is
+nccl on a GPU and gloo on CPU. A process group that already exists (a test's spawned ranks) is
+used as it is and left to its owner. All groups come from megatron's ``parallel_state``; nothing
+here builds groups or computes ranks itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-import kdscale.models  # noqa: F401  (makes megatron usable on CPU before it is used)
 from kdscale.config import ParallelConfig
 
 # Whether initialize_parallel created the default process group (and so destroy_parallel ends it).
@@ -61,6 +62,16 @@ def destroy_parallel() -> None:
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
+
+
+@contextlib.contextmanager
+def parallel_session(parallel: ParallelConfig, seed: int = 0) -> Iterator[None]:
+    """:func:`initialize_parallel` for the duration of the block, then :func:`destroy_parallel`."""
+    initialize_parallel(parallel, seed=seed)
+    try:
+        yield
+    finally:
+        destroy_parallel()
 
 
 def device() -> torch.device:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from kdscale.config import KDScaleConfig
 from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
-from kdscale.train.checkpoint import read_train_state
+from kdscale.models.checkpoints import read_train_state
 from kdscale.train.checks import RunInputs, check_run
-from kdscale.train.zero.start import Start, resolve_start
+from kdscale.train.deepspeed_engine.start import Start, resolve_start
 
 log = get_logger(__name__)
 
@@ -48,7 +48,7 @@ def _check_config(cfg: KDScaleConfig) -> None:
         )
 
 
-def check_zero_run(cfg: KDScaleConfig, world_size: int) -> tuple[KDScaleConfig, RunInputs, Start]:
+def check_deepspeed_run(cfg: KDScaleConfig, world_size: int) -> tuple[KDScaleConfig, RunInputs, Start]:
     """Verify a DeepSpeed run; returns the config with the starting model's architecture, the
     checked inputs and the start. Raises KDScaleError naming the first problem."""
     _check_config(cfg)

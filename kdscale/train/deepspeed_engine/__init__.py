@@ -8,9 +8,9 @@ metrics and the loop (:mod:`kdscale.train.loop`) are shared.
 
     start.py       where the weights and the architecture come from; the transformers model
     checks.py      the deepspeed-only checks, then the shared ``check_run``
-    engine.py      the DeepSpeed config, the torch AdamW and its LR schedule
+    setup.py       the DeepSpeed config, the torch AdamW and its LR schedule
     objective.py   one micro-batch: forward, ``kd_lm_loss``, token sums
     checkpoint.py  DeepSpeed checkpoints in kdscale's layout (atomic, with train_state.json)
     export.py      the trained model as a Hugging Face directory (full weights gathered)
-    trainer.py     the run: ``train_zero(cfg, inputs, start)``
+    engine.py      ``DeepSpeedEngine``, the engine the shared loop drives
 """

@@ -1,0 +1,69 @@
+"""Where a recipe's stages write under ``recipe.out``, and the student configs derived from them.
+
+Shared by the stage table (:mod:`kdscale.recipe.stages`) and the report
+(:mod:`kdscale.recipe.report`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdscale.config import KDScaleConfig
+from kdscale.config.model import checkpoint_fields
+from kdscale.errors import KDScaleError
+
+
+def _root(cfg: KDScaleConfig) -> Path:
+    return Path(cfg.recipe.out)
+
+
+def teacher_dir(cfg: KDScaleConfig) -> Path:
+    """Where the ``teacher`` stage writes the imported teacher (a kdscale model directory)."""
+    return _root(cfg) / "teacher"
+
+
+def baseline_dir(cfg: KDScaleConfig) -> Path:
+    """Where the ``baseline`` stage trains the LM-loss-only student."""
+    return _root(cfg) / "baseline"
+
+
+def export_dir(cfg: KDScaleConfig) -> Path:
+    """Where the ``export`` stage writes the student as an HF directory."""
+    return _root(cfg) / "hf"
+
+
+def report_dir(cfg: KDScaleConfig) -> Path:
+    """Where the ``report`` stage writes report.json, report.md and curves.png."""
+    return _root(cfg) / "report"
+
+
+def pruned_model_dir(cfg: KDScaleConfig) -> Path:
+    """The model the ``prune`` stage made: ``prune.out``, or with ``prune.search`` the winner's
+    ``prune.out/candidates/<winner>/model``."""
+    out = Path(cfg.prune.out)
+    if not cfg.prune.search.enabled:
+        return out
+    search = out / "search.json"
+    if not search.is_file():
+        raise KDScaleError(f"{search} is missing: the prune search has not finished")
+    return out / "candidates" / json.loads(search.read_text())["winner"] / "model"
+
+
+def student_config(cfg: KDScaleConfig) -> KDScaleConfig:
+    """``cfg`` with the student starting from the pruned model, and its architecture, when the
+    recipe prunes (numerics such as precision and the layer spec stay as configured)."""
+    if "prune" not in cfg.recipe.stages or cfg.train.init != cfg.prune.out:
+        return cfg  # (the deepspeed engine takes its architecture from train.deepspeed.model)
+    from kdscale.models.checkpoints import read_model_config
+
+    init = pruned_model_dir(cfg)
+    pruned = read_model_config(init).model_dump(include=set(checkpoint_fields()))
+    train = cfg.train.model_copy(update={"init": str(init)})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=pruned), "train": train})
+
+
+def baseline_config(cfg: KDScaleConfig) -> KDScaleConfig:
+    """The student's run without teacher targets: same init, data, steps and schedule."""
+    train = cfg.train.model_copy(update={"cache": None, "out": str(baseline_dir(cfg))})
+    return student_config(cfg.model_copy(update={"train": train}))
