@@ -446,6 +446,69 @@ def test_quantizer_steps_and_bounds() -> None:
 # ---------------------------------------------------------------- fidelity and params
 
 
+def dense_fidelity(logits: torch.Tensor, targets: SparseTargets) -> tuple[torch.Tensor, ...]:
+    """Reference: the implied distribution built densely (kept ids, tail spread uniformly)."""
+    logp = torch.log_softmax(logits.double(), -1)
+    probs = logp.exp()
+    ids, valid = targets.ids[0], targets.valid[0]
+    rest = logits.shape[1] - valid.sum(-1)
+    spread = torch.where(rest > 0, targets.tail_logp[0].double() - rest.double().log(), -math.inf)
+    implied = spread[:, None].expand_as(logp).clone()
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+    implied[rows[valid], ids[valid]] = targets.logp[0].double()[valid]
+    covered = (probs.gather(-1, ids.clamp(min=0)) * valid).sum(-1)
+    kl = torch.where(probs > 0, probs * (logp - implied), 0.0).sum(-1)
+    return covered, kl, 0.5 * (probs - implied.exp()).abs().sum(-1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CodecConfig(k=10),
+        CodecConfig(kind="topp", p=0.6, max_k=40),
+        CodecConfig(k=120),
+        CodecConfig(kind="sampled", draws=20),
+    ],
+    ids=["topk", "topp", "full", "sampled"],
+)
+def test_fidelity_closed_forms_match_the_dense_implied_distribution(cfg: CodecConfig) -> None:
+    logits = random_logits(13, 30, 120, 2.0)
+    logits[3, 50:] = -math.inf  # a position where most ids are impossible
+    targets = sparsify(logits, cfg, key="fid")
+    targets.logp[..., 1] -= 0.01  # the stored values need not equal the teacher's
+    got = fidelity(logits, targets, 1.0)
+    covered, kl, tv = dense_fidelity(logits, targets)
+    torch.testing.assert_close(got.covered_mass, covered, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got.kl, kl, atol=1e-12, rtol=1e-9)  # inf where mass is dropped
+    torch.testing.assert_close(got.tv, tv, atol=1e-12, rtol=0)
+    assert torch.isinf(kl).any() == (cfg.kind == "sampled")
+
+
+def test_support_kl_matches_ids_in_any_order() -> None:
+    gen = torch.Generator().manual_seed(14)
+    ref = sparsify(random_logits(14, 25, 200), CodecConfig(kind="topp", p=0.7, max_k=30))
+    noise = 0.05 * torch.randn(ref.shape, generator=gen)
+    order = torch.rand(ref.shape, generator=gen).argsort(-1)
+    pad = (0, 7)  # a wider approx, its slots shuffled
+    approx = SparseTargets(
+        torch.nn.functional.pad(ref.ids.gather(-1, order), pad, value=-1),
+        torch.nn.functional.pad((ref.logp + noise).gather(-1, order), pad, value=-math.inf),
+        ref.tail_logp - 0.01,
+        "topp",
+    )
+    got = support_kl(ref, approx)
+    for row in range(25):
+        kept, back = as_dict(ref, row), as_dict(approx, row)
+        tail = float(ref.tail_logp[0, row])
+        expected = sum(math.exp(v) * (v - back[i]) for i, v in kept.items())
+        expected += math.exp(tail) * (tail - float(approx.tail_logp[0, row])) if tail > -math.inf else 0.0
+        assert float(got[0, row]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    other = SparseTargets(approx.ids.clone(), approx.logp, approx.tail_logp, "topp")
+    other.ids[0, 4, 0] = 199 if int(other.ids[0, 4, 0]) != 199 else 198
+    with pytest.raises(ValueError, match="does not keep exactly the reference's ids"):
+        support_kl(ref, other)
+
+
 def test_fidelity_of_topk_and_sampled() -> None:
     logits = random_logits(9, 20, 100)
     probs = torch.softmax(logits.double(), -1)

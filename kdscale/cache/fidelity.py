@@ -4,6 +4,11 @@ A sparse target implies a full distribution over the vocabulary: its kept ids ca
 ``exp(logp)`` and the tail mass is spread uniformly over the ``V - n`` other ids. For
 ``sampled`` targets the tail is empty, so the implied distribution is zero off the sampled
 support and the forward KL is infinite; the total variation distance is finite for all kinds.
+
+Both comparisons are O(K log K) or better per position and O(K) in memory beyond the teacher's
+own row block: KL and TV of the implied distribution are closed forms in the kept entries, the
+tail and row reductions of the teacher's block (no ``[rows, V]`` implied distribution is built),
+and :func:`support_kl` matches ids by sorting both supports (no ``[K, K]`` comparison).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdscale.cache.targets import SparseTargets
+from kdscale.cache.targets import EMPTY_ID, SparseTargets
 
 _ROW_BLOCK_ELEMENTS = 1 << 22
 
@@ -55,42 +60,79 @@ def fidelity(
 
 
 def _block_fidelity(logp: torch.Tensor, targets: SparseTargets) -> tuple[torch.Tensor, ...]:
+    """Covered mass, KL and TV of one row block; ``logp`` float64 ``[rows, V]`` is overwritten.
+
+    With ``u`` the implied probability of each of the ``m = V - n`` ids outside the support
+    (tail / m) and sums over them written as whole-row sums of the teacher's block with the
+    kept entries zeroed: KL = Σ_kept p (log p - log q) + Σ_rest p log p - (Σ_rest p) log u and
+    TV = (Σ_kept |p - q| + Σ_rest |p - u|) / 2.
+    """
     ids, valid = targets.ids[0].to(logp.device), targets.valid[0].to(logp.device)
-    n_rows, vocab = logp.shape
-    probs = logp.exp()
-    covered = (probs.gather(-1, ids.clamp(min=0)) * valid).sum(-1)
+    vocab = logp.shape[1]
+    q = targets.logp[0].double().to(logp.device)
+    p_kept = torch.where(valid, logp.gather(-1, ids.clamp(min=0)), -torch.inf)
+    kept_kl = torch.where(valid & (p_kept > -torch.inf), p_kept.exp() * (p_kept - q), 0.0).sum(-1)
+    kept_tv = torch.where(valid, (p_kept.exp() - q.exp()).abs(), 0.0).sum(-1)
+    covered = torch.where(valid, p_kept.exp(), 0.0).sum(-1)
     rest = vocab - valid.sum(-1)
-    spread = torch.where(
+    log_u = torch.where(
         rest > 0, targets.tail_logp[0].double().to(logp.device) - rest.double().log(), -torch.inf
     )
-    implied = spread[:, None].expand(n_rows, vocab).clone()
-    row_of = torch.arange(n_rows, device=logp.device)[:, None].expand_as(ids)
-    implied[row_of[valid], ids[valid]] = targets.logp[0].double().to(logp.device)[valid]
-    kl = torch.where(probs > 0, probs * (logp - implied), 0.0).sum(-1)
-    tv = 0.5 * (probs - implied.exp()).abs().sum(-1)
-    return covered.cpu(), kl.cpu(), tv.cpu()
+    probs = logp.exp()
+    if ids.shape[1]:  # zero the kept entries; empty slots write what is there already
+        slots = torch.where(valid, ids, ids.max(-1, keepdim=True).values.clamp(min=0))
+        keep = torch.where(valid.any(-1, keepdim=True), 0.0, probs.gather(-1, slots))
+        probs.scatter_(-1, slots, keep)
+    rest_mass = probs.sum(-1)
+    logp.clamp_(min=torch.finfo(logp.dtype).min)  # p log p = 0 where p = 0 (no 0 * -inf)
+    rest_plogp = torch.bmm(probs[:, None, :], logp[:, :, None])
+    rest_kl = torch.where(rest_mass > 0, rest_plogp.flatten() - rest_mass * log_u, 0.0)
+    # Σ_rest |p - u| = Σ_row |p' - u| - n u, where p' (the zeroed block) is 0 on the n kept ids.
+    u = log_u.exp()
+    rest_tv = probs.sub_(u[:, None]).abs_().sum(-1) - (vocab - rest) * u
+    return covered.cpu(), (kept_kl + rest_kl).cpu(), (0.5 * (kept_tv + rest_tv)).cpu()
 
 
 def support_kl(reference: SparseTargets, approx: SparseTargets) -> torch.Tensor:
     """KL(reference ‖ approx) ``[B, S]`` over the reference's kept ids plus its tail bucket.
 
     ``approx`` must keep the same ids per position (in any order), e.g. the decoded form of
-    ``reference``; this is the error the value quantization alone introduces.
+    ``reference``; this is the error the value quantization alone introduces. Both supports
+    are sorted by id and compared slot by slot, in blocks of positions.
     """
     if reference.shape[:2] != approx.shape[:2]:
         raise ValueError("support_kl: reference and approx cover different positions")
-    ref_ids, ref_valid = reference.ids, reference.valid
-    # For each reference slot, the approx slot holding the same id.
-    match = (ref_ids[..., :, None] == approx.ids[..., None, :]) & ref_valid[..., None]
-    if not torch.equal(match.sum(-1), ref_valid.long()) or not torch.equal(
-        ref_valid.sum(-1), approx.valid.sum(-1)
-    ):
-        raise ValueError("support_kl: approx does not keep exactly the reference's ids")
-    approx_logp = (match * approx.logp.double()[..., None, :].nan_to_num(neginf=0.0)).sum(-1)
-    ref_logp = reference.logp.double()
-    terms = torch.where(ref_valid, ref_logp.exp() * (ref_logp - approx_logp), 0.0).sum(-1)
+    width = max(reference.shape[2], approx.shape[2], 1)
+    ref_ids, ref_logp = _rows(reference, width)
+    app_ids, app_logp = _rows(approx, width)
+    terms = torch.empty(ref_ids.shape[0], dtype=torch.float64)
+    step = max(1, _ROW_BLOCK_ELEMENTS // width)
+    for r0 in range(0, ref_ids.shape[0], step):
+        ref_sorted, ref = _by_id(ref_ids[r0 : r0 + step], ref_logp[r0 : r0 + step])
+        app_sorted, app = _by_id(app_ids[r0 : r0 + step], app_logp[r0 : r0 + step])
+        if not torch.equal(ref_sorted, app_sorted):
+            raise ValueError("support_kl: approx does not keep exactly the reference's ids")
+        terms[r0 : r0 + step] = torch.where(ref_sorted >= 0, ref.exp() * (ref - app), 0.0).sum(-1)
     ref_tail, approx_tail = reference.tail_logp.double(), approx.tail_logp.double()
     tail_term = torch.where(
         torch.isneginf(ref_tail), 0.0, ref_tail.exp() * (ref_tail - approx_tail)
     )
-    return terms + tail_term
+    return terms.view(reference.shape[:2]) + tail_term
+
+
+def _by_id(ids: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by id (empty slots first), log-probs in float64; sorted rows (the full
+    layout's id order) skip the sort."""
+    if ids.shape[1] > 1 and not bool((ids[:, 1:] >= ids[:, :-1]).all()):
+        ids, order = ids.sort(-1)
+        logp = logp.gather(-1, order)
+    return ids, logp.double()
+
+
+def _rows(targets: SparseTargets, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and log-probs as ``[B * S, width]``, padded with empty slots on the left."""
+    ids, logp, extra = targets.ids, targets.logp, (width - targets.shape[2], 0)
+    if extra[0]:
+        ids = torch.nn.functional.pad(ids, extra, value=EMPTY_ID)
+        logp = torch.nn.functional.pad(logp, extra, value=-torch.inf)
+    return ids.reshape(-1, width), logp.reshape(-1, width)
