@@ -16,9 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdscale.cache.bitpack import StreamReader, pack_uint, packed_size, segment_cumsum
-from kdscale.cache.codec import codec_fingerprint, codec_params, decode, encode, index_bits
+from kdscale.cache.codec import (
+    codec_fingerprint,
+    codec_params,
+    decode,
+    encode,
+    index_bits,
+    value_quantizer,
+)
 from kdscale.cache.fidelity import fidelity, support_kl
-from kdscale.cache.quant import X_MAX, quantizer
+from kdscale.cache.quant import KL_BOUND, KL_DESIGN, X_MAX, quantizer, quantizer_for
 from kdscale.cache.sparsify import concat_positions, sample_uniforms, sparsify
 from kdscale.cache.targets import SparseTargets
 from kdscale.config.cache import CodecConfig
@@ -96,6 +103,9 @@ def test_topp_keeps_the_smallest_covering_prefix(p: float, min_k: int, max_k: in
 def test_k_larger_than_vocab_is_refused() -> None:
     with pytest.raises(KDScaleError, match=r"cache\.codec\.k=64 exceeds the vocabulary size 10"):
         sparsify(random_logits(0, 2, 10), CodecConfig(k=64))
+    # The runner records codec_params once the teacher's vocabulary is known: refused there too.
+    with pytest.raises(KDScaleError, match=r"cache\.codec\.k=11 exceeds .* 10; use at most 10 or k=full"):
+        codec_params(CodecConfig(k=11), 10)
 
 
 # ---------------------------------------------------------------- sampled (RS-KD)
@@ -205,6 +215,29 @@ def test_default_top64_quantization_kl_on_flat_and_peaked_rows() -> None:
         assert float(kl.max()) <= 1e-3, float(kl.max())
 
 
+def quantized_kl(logp: np.ndarray, quant) -> np.ndarray:
+    """KL(exact ‖ renormalized quantized) per row of full log-prob rows."""
+    back = quant.logp(quant.levels(logp))
+    back = back - np.log(np.exp(back).sum(1, keepdims=True))
+    return (np.exp(logp) * (logp - back)).sum(1)
+
+
+@pytest.mark.parametrize(("k", "vocab"), [(80, 4096), (4096, 49152), ("full", 49152), ("full", 700)])
+def test_large_support_quantization_kl_on_flat_and_peaked_rows(k: int | str, vocab: int) -> None:
+    """Large supports switch to the flat step law and keep KL(kept ‖ stored) <= 1e-3."""
+    cfg = CodecConfig(k=k)
+    for seed, scale in enumerate([1e-3, 0.3, 1.0, 3.0, 8.0]):
+        logits = random_logits(seed, 12, vocab, scale)
+        targets = sparsify(logits, cfg)
+        kl = support_kl(targets, decode(encode(targets, cfg, vocab), cfg, vocab))
+        assert float(kl.max()) <= KL_BOUND, (scale, float(kl.max()))
+    # The sqrt law alone would not do: on near-flat rows over a whole 49k vocabulary it loses
+    # ~0.04 nats (each of the many small entries rounds with a step of up to 1 nat).
+    if cfg.support(vocab) >= 4096:
+        flat_rows = torch.log_softmax(random_logits(0, 4, vocab, 1.0).double(), -1).numpy()
+        assert quantized_kl(flat_rows, quantizer(0.01, 1.0)).max() > 10 * KL_BOUND
+
+
 @st.composite
 def distributions(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
     vocab = draw(st.integers(2, 3000))
@@ -239,8 +272,10 @@ def test_round_trip_property(data: tuple[torch.Tensor, int], kind: str, k: int) 
             decoded.logp.exp().mul(k).round().sum(-1), torch.full(logits.shape[:1], float(k))[None]
         )
     else:
-        # Bound: each of at most k+1 categories carries ~q^2/8 of KL (see kdscale.cache.quant).
-        assert float(support_kl(targets, decoded).max()) <= (min(k, vocab) + 1) * 0.01**2 / 8 * 1.2
+        # The quantizer's worst-case estimate over at most k+1 categories (kdscale.cache.quant);
+        # 1.2: the estimate is second order.
+        bound = value_quantizer(cfg, vocab).kl_bound(min(k, vocab) + 1)
+        assert float(support_kl(targets, decoded).max()) <= bound * 1.2
 
 
 @FAST
@@ -292,6 +327,57 @@ def test_large_vocab_uses_18_bit_ids() -> None:
     )
     with pytest.raises(KDScaleError, match="vocab size"):
         index_bits(2**24 + 1)
+
+
+# ---------------------------------------------------------------- full vocabulary (k = V)
+
+
+@pytest.mark.parametrize("k", ["full", 300])
+def test_full_layout_keeps_every_id_in_id_order(k: int | str) -> None:
+    vocab, rows = 300, 40
+    logits = random_logits(11, rows, vocab)
+    logits[5, ::7] = -math.inf  # ids the teacher rules out at one position
+    cfg = CodecConfig(k=k, block=8)
+    targets = sparsify(logits, cfg)
+    every_id = torch.arange(vocab).expand(rows, vocab)
+    assert torch.equal(targets.ids[0], torch.where(torch.isneginf(logits), -1, every_id))
+    ref = torch.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(targets.logp[0].double(), ref, atol=LOGP_ATOL, rtol=0)
+    assert torch.all(torch.isneginf(targets.tail_logp))
+    blob = encode(targets, cfg, vocab)
+    assert blob[6] == 1  # the header's layout byte: full
+    decoded = decode(blob, cfg, vocab)
+    assert torch.equal(decoded.ids, targets.ids) and torch.all(torch.isneginf(decoded.tail_logp))
+    assert float(support_kl(targets, decoded).max()) <= KL_BOUND
+    total = decoded.logp.double().logsumexp(-1)
+    torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-6, rtol=0)
+    # Ids are implicit: the same support in canonical (probability-descending) order is the
+    # same member.
+    order = targets.logp.argsort(dim=-1, descending=True, stable=True)
+    canonical = SparseTargets(
+        targets.ids.gather(-1, order), targets.logp.gather(-1, order), targets.tail_logp, "topk"
+    )
+    assert encode(canonical, cfg, vocab) == blob
+
+
+def test_full_layout_refuses_bad_targets_and_members() -> None:
+    vocab, cfg = 6, CodecConfig(k="full")
+    twice = SparseTargets(
+        torch.tensor([[[0, 1, 1, 3, 4, 5]]]), torch.full((1, 1, 6), -math.log(6)),
+        torch.tensor([[-math.inf]]), "topk",
+    )  # fmt: skip
+    with pytest.raises(KDScaleError, match="an id appears twice"):
+        encode(twice, cfg, vocab)
+    blob = encode(sparsify(random_logits(12, 3, vocab), cfg), cfg, vocab)
+    sparse = bytearray(blob)
+    sparse[6] = 0  # a full member that claims the sparse layout
+    with pytest.raises(KDScaleError, match=r"corrupt \(layout 0, the codec writes 1\)"):
+        decode(bytes(sparse), cfg, vocab)
+    for message, edit in [("truncated payload", drop_last_byte), ("trailing payload", append_byte)]:
+        with pytest.raises(KDScaleError, match=message):
+            decode(reframe(blob, edit), cfg, vocab)
+    with pytest.raises(KDScaleError, match="another codec config or vocab"):
+        decode(blob, CodecConfig(k=5), vocab)
 
 
 # ---------------------------------------------------------------- errors
@@ -441,6 +527,24 @@ def test_quantizer_steps_and_bounds() -> None:
     assert quant.logp(np.array([quant.zero_level]))[0] == -np.inf
     uniform = quantizer(0.0625, 0.0625)
     assert np.array_equal(uniform.levels(np.array([0.0, -1.0, -2.03])), [0, 16, 32])
+    assert quantizer_for(0.01, 1.0, 64) is quant  # top-64 keeps the sqrt law (and its bytes)
+
+
+@pytest.mark.parametrize("support", [80, 4096, 49152])
+def test_flat_law_steps_and_bound(support: int) -> None:
+    quant, n = quantizer_for(0.01, 1.0, support), support + 1
+    a, b = quant.flat, quant.step
+    assert a == pytest.approx(2 * math.sqrt(KL_DESIGN)) and b == pytest.approx(a / math.sqrt(n))
+    assert quant.kl_bound(n) == pytest.approx(KL_DESIGN) and KL_DESIGN <= KL_BOUND
+    logp = -np.concatenate([np.linspace(0, 40, 40001), [X_MAX, 100.0]])
+    levels = quant.levels(logp)
+    assert np.all(np.diff(levels) >= 0) and levels[0] == 0
+    err = np.abs(quant.logp(levels) - np.maximum(logp, -X_MAX))
+    step = np.minimum(np.maximum(a, b / np.sqrt(np.exp(logp))), 1.0)
+    assert np.all(err <= 0.5 * step * np.exp(step / 2) + 1e-12)
+    likely = logp >= -math.log(n)  # p >= 1/n: the flat step, half of it at most
+    assert np.all(err[likely] <= a / 2 + 1e-12)
+    assert quant.levels(np.array([-np.inf]))[0] == quant.zero_level
 
 
 # ---------------------------------------------------------------- fidelity and params
@@ -466,7 +570,7 @@ def dense_fidelity(logits: torch.Tensor, targets: SparseTargets) -> tuple[torch.
     [
         CodecConfig(k=10),
         CodecConfig(kind="topp", p=0.6, max_k=40),
-        CodecConfig(k=120),
+        CodecConfig(k="full"),
         CodecConfig(kind="sampled", draws=20),
     ],
     ids=["topk", "topp", "full", "sampled"],
@@ -551,3 +655,8 @@ def test_codec_params_and_fingerprint() -> None:
     for changed in ({"k": 32}, {"temperature": 2.0}, {"quant_step": 0.02}, {"kind": "sampled"}):
         assert codec_fingerprint(base.model_copy(update=changed), 49152) != fp
     assert codec_fingerprint(base, 49153) != fp
+    full = codec_params(CodecConfig(k="full"), 49152)
+    assert full == codec_params(CodecConfig(k=49152), 49152)  # "full" is k = V
+    assert full["k"] == 49152 and full["layout"] == "full"
+    assert full["quant_flat_step"] == pytest.approx(2 * math.sqrt(KL_DESIGN))
+    assert "layout" not in codec_params(CodecConfig(k=49151), 49152)

@@ -94,8 +94,7 @@ def _decoded_samples(cache: Any, count: int) -> list[dict[str, Any]]:
             mass = torch.where(targets.valid, targets.logp.exp(), 0.0).sum(-1)[0]
             covered.append(mass)
             first = [
-                {"position": p, "label": int(ids[p + 1]),
-                 "top": [[int(i), round(float(lp), 4)] for i, lp in zip(targets.ids[0, p, :3], targets.logp[0, p, :3])]}
+                {"position": p, "label": int(ids[p + 1]), "top": _most_likely(targets, p, 3)}
                 for p in range(min(3, targets.shape[1]))
             ]
             shown.append({"key": key, "support_mean": float(targets.valid.sum(-1).double().mean()), "positions": first})
@@ -103,6 +102,13 @@ def _decoded_samples(cache: Any, count: int) -> list[dict[str, Any]]:
         mass = torch.cat(covered).numpy()
         shown.append({"covered_mass_percentiles": dict(zip(("p5", "p50", "p95"), np.percentile(mass, [5, 50, 95]).round(4).tolist()))})
     return shown
+
+
+def _most_likely(targets: Any, position: int, count: int) -> list[list[float]]:
+    """``[id, logp]`` of the most likely kept ids (slot order differs between layouts)."""
+    top = targets.logp[0, position].topk(min(count, targets.shape[2]))
+    ids = targets.ids[0, position]
+    return [[int(ids[j]), round(float(v), 4)] for v, j in zip(top.values, top.indices)]
 
 
 def _print(report: dict[str, Any]) -> None:

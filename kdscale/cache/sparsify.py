@@ -9,7 +9,9 @@ sample key and the absolute position, never on how the positions were chunked:
 - ``sampled`` draws ``N`` ids per position by inverse-CDF sampling with uniforms from a
   counter-based generator (SplitMix64 of ``hash(seed, key)`` + ``position * N + draw``), and
   keeps the distinct ids with ``logp = log(count / N)`` (``tail_logp = -inf``).
-- ``topk``/``topp`` keep ids in descending probability with the exact tail mass.
+- ``topk``/``topp`` keep ids in descending probability with the exact tail mass; ``topk`` with
+  ``k = V`` (full) keeps every id in id order (slot ``j`` = id ``j``, empty where the logit is
+  ``-inf``), which needs no sort.
 
 Work proceeds in row blocks of at most ~4M vocabulary entries on the logits' device:
 probabilities in float32, their sums and the sampling CDF in float64.
@@ -37,13 +39,12 @@ def sparsify(
     if logits_SV.dim() != 2:
         raise KDScaleError(f"sparsify: logits must be [S, V], got {tuple(logits_SV.shape)}")
     vocab = logits_SV.shape[1]
-    needed = {"topk": ("k", cfg.k), "topp": ("min_k", cfg.min_k)}.get(cfg.kind)
-    if needed and needed[1] > vocab:
-        raise KDScaleError(
-            f"cache.codec.{needed[0]}={needed[1]} exceeds the vocabulary size {vocab}"
-        )
+    support = cfg.support(vocab)
     rows = max(1, _ROW_BLOCK_ELEMENTS // max(vocab, 1))
     parts = []
+    full = None
+    if cfg.kind == "topk" and support == vocab:  # every id: filled in place, no topk
+        full = _full_targets(logits_SV.shape[0], vocab)
     for r0 in range(0, logits_SV.shape[0], rows):
         x = logits_SV[r0 : r0 + rows].float()
         if cfg.temperature != 1.0:
@@ -55,8 +56,12 @@ def sparsify(
         probs = torch.exp(shifted)  # unnormalized, in [0, 1]
         if cfg.kind == "sampled":
             parts.append(_sampled(probs, cfg, key, start + r0))
+        elif full is not None:
+            _fill_full(shifted, probs, full.narrow(1, r0, shifted.shape[0]))
         else:
-            parts.append(_top(shifted, probs, cfg))
+            parts.append(_top(shifted, probs, cfg, support))
+    if full is not None:
+        return full
     if not parts:
         return _empty(cfg.kind)
     return concat_positions(parts)
@@ -71,13 +76,34 @@ def _empty(kind: TargetKind) -> SparseTargets:
     )
 
 
-def _top(shifted: torch.Tensor, probs: torch.Tensor, cfg: CodecConfig) -> SparseTargets:
+def _full_targets(n_rows: int, vocab: int) -> SparseTargets:
+    """Room for full targets ``[1, S, V]`` (filled block by block; no tail: all mass is kept)."""
+    return SparseTargets(
+        torch.empty(1, n_rows, vocab, dtype=torch.int64),
+        torch.empty(1, n_rows, vocab, dtype=torch.float32),
+        torch.full((1, n_rows), float("-inf")),
+        "topk",
+    )
+
+
+def _fill_full(shifted: torch.Tensor, probs: torch.Tensor, out: SparseTargets) -> None:
+    """Every id of one row block in id order, written into ``out``: ``shifted`` = logits - max,
+    ``probs`` = its exp."""
+    log_total = probs.sum(-1, dtype=torch.float64).log()
+    out.logp[0].copy_(shifted.double() - log_total[:, None])
+    out.ids[0].copy_(torch.arange(shifted.shape[1], device=shifted.device).expand_as(shifted))
+    out.ids[0].masked_fill_(torch.isneginf(shifted).cpu(), EMPTY_ID)
+
+
+def _top(
+    shifted: torch.Tensor, probs: torch.Tensor, cfg: CodecConfig, support: int
+) -> SparseTargets:
     """``topk``/``topp`` of one row block: ``shifted`` = logits - max, ``probs`` = its exp.
 
     The mass outside the kept ids is summed directly (not as ``1 - kept``), so the tail stays
     accurate when the kept mass is close to one. ``probs`` is overwritten.
     """
-    width = min(cfg.k if cfg.kind == "topk" else cfg.max_k, shifted.shape[1])
+    width = min(support, shifted.shape[1])
     values, ids = shifted.topk(width, dim=-1)
     kept = probs.gather(-1, ids).double()
     outside = probs.scatter_(-1, ids, 0.0).sum(-1).double()

@@ -4,11 +4,12 @@
 ``cache.teacher`` says which model produces the distributions and how it runs.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from kdscale.config.base import RUNTIME, Section
+from kdscale.errors import KDScaleError
 
 
 class CodecConfig(Section):
@@ -18,12 +19,17 @@ class CodecConfig(Section):
     (between ``min_k`` and ``max_k`` ids); both also keep the tail mass. ``sampled`` (RS-KD)
     keeps the distinct ids of ``draws`` draws with replacement and their counts: an unbiased
     estimate. Log-probs of ``topk``/``topp`` are quantized; ids take ceil(log2 V) bits.
+    ``k = "full"`` (or ``k`` = the vocabulary size) keeps every id: full-distribution KD.
     """
 
     kind: Literal["topk", "topp", "sampled"] = Field(
         "topk", description="Sparsification: topk, topp (nucleus), or sampled (RS-KD)."
     )
-    k: int = Field(64, ge=1, description="topk: ids kept per position.")
+    k: Annotated[int, Field(ge=1)] | Literal["full"] = Field(
+        64,
+        description="topk: ids kept per position, at most the vocabulary size; 'full' keeps the "
+        "whole vocabulary (stored in id order with implicit ids).",
+    )
     p: float = Field(0.95, gt=0.0, le=1.0, description="topp: probability mass to cover.")
     min_k: int = Field(1, ge=1, description="topp: fewest ids kept per position.")
     max_k: int = Field(64, ge=1, description="topp: most ids kept per position.")
@@ -63,10 +69,22 @@ class CodecConfig(Section):
             )
         return self
 
-    @property
-    def max_support(self) -> int:
-        """The most ids one position can keep under this config."""
-        return {"topk": self.k, "topp": self.max_k, "sampled": self.draws}[self.kind]
+    def support(self, vocab: int) -> int:
+        """The most ids one position can keep under this config, for a vocabulary of ``vocab``;
+        ``k`` or ``min_k`` beyond the vocabulary is an error."""
+        needed = {"topk": ("k", self.k), "topp": ("min_k", self.min_k)}.get(self.kind)
+        if needed and needed[1] != "full" and needed[1] > vocab:
+            raise KDScaleError(
+                f"cache.codec.{needed[0]}={needed[1]} exceeds the vocabulary size {vocab}; use "
+                f"at most {vocab}" + (" or k=full" if self.kind == "topk" else "")
+            )
+        if self.kind == "topk":
+            return vocab if self.k == "full" else self.k
+        return self.max_k if self.kind == "topp" else self.draws
+
+    def is_full(self, vocab: int) -> bool:
+        """Whether every position keeps the whole vocabulary (``topk`` with ``k = V``)."""
+        return self.kind == "topk" and self.support(vocab) == vocab
 
 
 class TeacherConfig(Section):
