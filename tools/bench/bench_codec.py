@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench/bench_codec.py                    # ~4k tokens, seq 1024
     .venv/bin/python tools/bench/bench_codec.py --tokens 8192 --reps 5
+    .venv/bin/python tools/bench/bench_codec.py --skip-writer     # no cache-writer RSS runs
 
 The teacher is the SmolLM2-135M fixture (V = 49152) scoring Python standard-library sources
 (a fixed list of modules, tokenized and packed into samples of ``--seq-len``). One JSON line per
@@ -23,17 +24,36 @@ teacher's mass on the kept ids; ``encode_tok_s``/``decode_tok_s``: one thread, f
 decoding ends with int64 ids and float32 log-probs.
 Megatron's rebuilt tail is empty wherever its fp16 probabilities add up to one or more
 (``tail_lost_frac``); its ``kl_*`` figures cover the other positions.
+
+Large supports (``kdscale-topk256``, ``-topk1024``, ``-topk4096``, ``kdscale-full`` = k = V,
+and ``kdscale-full-zstd1`` at zstd level 1):
+the same figures on the first ``--large-tokens`` teacher positions cut into members of
+``--large-seq-len`` (``--large-reps`` passes). Then the cache writer (``write_cache_shard``:
+teacher, sparsify, encode, quantization check, tar) runs in a fresh process per k (64 and the
+large ones) over one token shard of ``--writer-samples`` samples of 256 tokens, batch 4, chunk
+256; ``codec-writer`` lines give the RSS once the teacher is loaded (``loaded_rss_mb``), the
+peak RSS while writing (``peak_rss_mb``: Linux's high-water mark, reset after loading so that
+the loader's transient peak does not hide the writer's), tokens/s, bytes/token, and
+``targets_mb``: one batch's decoded targets at that k (``B × S × k`` int64 ids + float32
+log-probs), the memory any writer of such targets needs. The summary's
+``writer_peak_over_k64_per_targets_mb`` divides the growth of the peak over the k = 64 run by
+the growth of ``targets_mb``: a bounded ratio is peak RSS linear in k (a ``[K, K]`` temporary
+would grow it with k).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import math
+import re
+import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,8 +70,13 @@ from kdscale.cache.codec import decode, encode  # noqa: E402
 from kdscale.cache.fidelity import fidelity, support_kl  # noqa: E402
 from kdscale.cache.sparsify import sparsify  # noqa: E402
 from kdscale.cache.targets import SparseTargets  # noqa: E402
+from kdscale.cache.writer import ShardTask, write_cache_shard  # noqa: E402
+from kdscale.cli import main as kdscale_main  # noqa: E402
+from kdscale.config import load_config  # noqa: E402
 from kdscale.config.cache import CodecConfig  # noqa: E402
+from kdscale.data.manifest import load_tokens_manifest  # noqa: E402
 from kdscale.hub import resolve_model_dir  # noqa: E402
+from kdscale.teacher import build_teacher  # noqa: E402
 from kdscale.teacher.hf import HFTeacher  # noqa: E402
 
 MODULES = ("json/decoder.py", "textwrap.py", "heapq.py", "bisect.py", "fnmatch.py",
@@ -62,6 +87,14 @@ CODECS = {
     "kdscale-topp95": CodecConfig(kind="topp", p=0.95, max_k=64),
     "kdscale-sampled50": CodecConfig(kind="sampled", draws=50),
 }
+LARGE = {
+    "kdscale-topk256": CodecConfig(k=256),
+    "kdscale-topk1024": CodecConfig(k=1024),
+    "kdscale-topk4096": CodecConfig(k=4096),
+    "kdscale-full": CodecConfig(k="full"),
+    "kdscale-full-zstd1": CodecConfig(k="full", zstd_level=1),
+}
+WRITER_K = (64, 256, 1024, 4096, "full")
 MEGATRON_MICROBATCHES = 4
 
 
@@ -213,13 +246,107 @@ def megatron_row(m: Method, blob: bytes) -> dict:
     }
 
 
+def large_rows(logps: list[torch.Tensor], vocab: int, args: argparse.Namespace) -> list[dict]:
+    """The kdscale codec at large supports, on members of ``--large-seq-len`` positions."""
+    members = [part for lp in logps for part in lp.split(args.large_seq_len)]
+    members = members[: max(1, args.large_tokens // args.large_seq_len)]
+    methods = [kdscale_method(name, cfg, members, vocab) for name, cfg in LARGE.items()]
+    encoded = time_interleaved(methods, args.large_reps)
+    return [
+        {**kdscale_row(m, LARGE[m.name], encoded[m.name], members), "k": LARGE[m.name].support(vocab)}
+        for m in methods
+    ]
+
+
+def writer_tokens(root: Path, samples: int) -> Path:
+    """One token shard of ``samples`` 256-token samples of the bench's stdlib modules."""
+    stdlib_inputs = [arg for name in MODULES for arg in ("--input", f"stdlib:python/{name}")]
+    status = kdscale_main(["data", *stdlib_inputs, "--tokenizer", "smollm2-135m", "--seq-len", "256",
+                           "--shard-samples", str(samples), "--out", str(root / "tokens")])
+    assert status == 0
+    return root / "tokens"
+
+
+def proc_status_mb(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (Linux), in MiB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    assert match, field
+    return int(match.group(1)) / 1024
+
+
+def writer_child(k: str, tokens_dir: Path, threads: int) -> None:
+    """One cache shard written at ``cache.codec.k=k`` in this process: print peak RSS etc."""
+    torch.set_num_threads(threads)
+    cfg = load_config(None, [f"cache.codec.k={k}", "cache.batch_size=4", "cache.teacher.chunk=256"]).cache
+    teacher = build_teacher(cfg.teacher)
+    shard = load_tokens_manifest(tokens_dir).splits["train"].shards[0]
+    task = ShardTask("train", str(tokens_dir / shard.name), shard.sha256, str(tokens_dir.parent / f"cache-{k}.tar"),
+                     shard.samples, 256)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (VmHWM := VmRSS)
+    loaded_mb = proc_status_mb("VmRSS")
+    start = time.perf_counter()
+    record = write_cache_shard(task, teacher, cfg)
+    seconds = time.perf_counter() - start
+    support = cfg.codec.support(teacher.vocab_size)
+    print(json.dumps({
+        "bench": "codec-writer", "k": support, "tokens": record.tokens,
+        "targets_mb": cfg.batch_size * 256 * support * 12 / 2**20,
+        "peak_rss_mb": proc_status_mb("VmHWM"), "loaded_rss_mb": loaded_mb,
+        "writer_tok_s": record.tokens / seconds, "bytes_per_token": record.bytes / record.tokens,
+        "quant_kl_mean": record.fidelity.quant_kl_mean, "threads": threads,
+    }))
+
+
+def writer_rows(args: argparse.Namespace) -> list[dict]:
+    """The writer's peak RSS per k, each k in a fresh process."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-codec-") as tmp:
+        tokens_dir = writer_tokens(Path(tmp), args.writer_samples)
+        for k in WRITER_K:
+            out = subprocess.run(
+                [sys.executable, __file__, "--writer-child", str(k), "--writer-tokens", str(tokens_dir),
+                 "--threads", str(args.threads)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
+def large_summary(large: list[dict], writer: list[dict]) -> dict:
+    """Ratios within this run: bytes per slot, and the writer's peak RSS growth over k = 64 per
+    MB of one batch's targets."""
+    summary: dict[str, Any] = {"bench": "codec-large-summary"}
+    for row in large:
+        summary[f"{row['codec']}_bytes_per_slot"] = row["bytes_per_token"] / row["k"]
+    if writer:
+        base = writer[0]
+        summary["writer_peak_over_k64_per_targets_mb"] = {
+            str(w["k"]): (w["peak_rss_mb"] - base["peak_rss_mb"]) / (w["targets_mb"] - base["targets_mb"])
+            for w in writer[1:]
+        }
+        summary["writer_peak_full_over_k64"] = writer[-1]["peak_rss_mb"] / base["peak_rss_mb"]
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="teacher tokens to score")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sample (member)")
     parser.add_argument("--chunk", type=int, default=256, help="teacher output-layer chunk")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (fastest)")
+    parser.add_argument("--large-tokens", type=int, default=1024, help="positions for large k")
+    parser.add_argument("--large-seq-len", type=int, default=256, help="positions per member, large k")
+    parser.add_argument("--large-reps", type=int, default=3, help="timed repetitions, large k")
+    parser.add_argument("--writer-samples", type=int, default=8, help="256-token samples per writer run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each writer run")
+    parser.add_argument("--skip-writer", action="store_true", help="no cache-writer RSS runs")
+    parser.add_argument("--writer-child", help=argparse.SUPPRESS)
+    parser.add_argument("--writer-tokens", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.writer_child:
+        writer_child(args.writer_child, args.writer_tokens, args.threads)
+        return
     logps, vocab = teacher_samples(args)
     torch.set_num_threads(1)  # per-core encode/decode figures
     methods = [kdscale_method(name, cfg, logps, vocab) for name, cfg in CODECS.items()]
@@ -240,6 +367,14 @@ def main() -> None:
         "sampled50_over_topk64_bytes": rows["kdscale-sampled50"]["bytes_per_token"]
         / ours["bytes_per_token"],
     }))
+    large = large_rows(logps, vocab, args)
+    del logps, methods, encoded
+    for row in large:
+        print(json.dumps(row))
+    writer = [] if args.skip_writer else writer_rows(args)
+    for row in writer:
+        print(json.dumps(row))
+    print(json.dumps(large_summary(large, writer)))
 
 
 if __name__ == "__main__":
