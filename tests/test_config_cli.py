@@ -46,7 +46,10 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("data.eval_fraction=1.5", "data.eval_fraction=1.5: Input should be less than 1"),
         ("data.separator=tab", "data.separator='tab': Input should be 'eos' or 'none'"),
         ("data.no_such_key=3", "data.no_such_key: unknown key"),
-        ("model.num_query_groups=3", "num_attention_heads=4 must be a multiple of num_query_groups=3"),
+        ("model.num_query_groups=3",
+         "model.num_attention_heads=4: must be a multiple of model.num_query_groups=3"),
+        ("train.lr.warmup_steps=2000",
+         "train.lr.warmup_steps=2000: must be below train.steps=1000"),
     ],
 )
 def test_bad_value_names_field_value_and_rule(override: str, expected: str) -> None:
@@ -54,6 +57,15 @@ def test_bad_value_names_field_value_and_rule(override: str, expected: str) -> N
         load_config(None, [override])
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_section_check_names_its_one_key_and_the_fix() -> None:
+    with pytest.raises(KDScaleError) as info:
+        load_config(None, ["loss.missing_mass=renorm"])
+    message = str(info.value)
+    assert message.startswith("config error: loss.missing_mass='renorm': needs an LM term")
+    assert "set loss.missing_mass=tail" in message and "loss.allow_renorm_without_lm=true" in message
+    assert "{" not in message and "divergence" not in message  # not the loss section's dump
 
 
 @pytest.mark.parametrize("override", ["seq_len", "=3", "data..seq_len=3", "data.seq_len=[unclosed"])

@@ -45,3 +45,13 @@ def runtime_keys(section: type[BaseModel], prefix: str) -> tuple[str, ...]:
         elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             keys += runtime_keys(field.annotation, dotted)
     return tuple(keys)
+
+
+class InvalidKey(ValueError):
+    """What a section's validator raises about one of its keys: the key (relative to the
+    section), its value and the fix. The config loader reports it as one line,
+    ``loss.missing_mass='renorm': <message>``, instead of the section's whole value."""
+
+    def __init__(self, key: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.key, self.value, self.message = key, value, message

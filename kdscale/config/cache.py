@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import RUNTIME, Section
+from kdscale.config.base import RUNTIME, InvalidKey, Section
 from kdscale.errors import KDScaleError
 
 
@@ -62,10 +62,14 @@ class CodecConfig(Section):
     @model_validator(mode="after")
     def _ranges(self) -> "CodecConfig":
         if self.min_k > self.max_k:
-            raise ValueError(f"min_k={self.min_k} must not exceed max_k={self.max_k}")
+            raise InvalidKey(
+                "min_k", self.min_k, f"must not exceed cache.codec.max_k={self.max_k}"
+            )
         if self.quant_step_max < self.quant_step:
-            raise ValueError(
-                f"quant_step_max={self.quant_step_max} must be >= quant_step={self.quant_step}"
+            raise InvalidKey(
+                "quant_step_max",
+                self.quant_step_max,
+                f"must be >= cache.codec.quant_step={self.quant_step}",
             )
         return self
 

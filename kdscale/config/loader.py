@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from kdscale.config.base import InvalidKey
 from kdscale.errors import KDScaleError
 from kdscale.io import atomic_write_text
 
@@ -81,15 +82,25 @@ def _read_yaml(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> dic
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``key=value: what is allowed``."""
+    """One line per problem: ``key=value: what is allowed``. A section validator's complaint
+    names its one key (:class:`~kdscale.config.base.InvalidKey`); a whole section is never
+    printed as the value."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "<root>"
+        loc = [str(part) for part in err["loc"]]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidKey):
+            key = ".".join([*loc, cause.key])
+            lines.append(f"{key}={cause.value!r}: {cause.message}")
+            continue
+        key = ".".join(loc) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (see `kdscale <stage> --help` for the schema)")
         elif err["type"] == "missing":
             lines.append(f"{key}: required")
+        elif isinstance(err.get("input"), dict):  # a section: its keys are not the problem
+            lines.append(f"{key}: {msg}")
         else:
             lines.append(f"{key}={err.get('input')!r}: {msg}")
     return "config error: " + "; ".join(lines)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import RUNTIME, Section
+from kdscale.config.base import RUNTIME, InvalidKey, Section
 
 # Measured on SmolLM2-135M → an 8-layer pruned student (README, "The KD loss").
 RENORM_COLLAPSE_NOTE = (
@@ -39,9 +39,11 @@ class KDWeightSchedule(Section):
     @model_validator(mode="after")
     def _fractions_fit(self) -> "KDWeightSchedule":
         if self.warmup_fraction + self.decay_fraction > 1.0:
-            raise ValueError(
-                f"warmup_fraction={self.warmup_fraction} + decay_fraction={self.decay_fraction} "
-                "must be <= 1"
+            raise InvalidKey(
+                "decay_fraction",
+                self.decay_fraction,
+                f"loss.schedule.warmup_fraction + decay_fraction = "
+                f"{self.warmup_fraction + self.decay_fraction} exceeds 1; lower one of them",
             )
         return self
 
@@ -122,9 +124,11 @@ class KDLossConfig(Section):
             and self.max_kd_weight() >= 1.0
             and not self.allow_renorm_without_lm
         ):
-            raise ValueError(
-                f"missing_mass='renorm' with kd_weight reaching {self.max_kd_weight()} (no LM "
-                f"term): {RENORM_COLLAPSE_NOTE}; use missing_mass='tail', keep kd_weight < 1, or "
-                "set allow_renorm_without_lm=true"
+            raise InvalidKey(
+                "missing_mass",
+                self.missing_mass,
+                f"needs an LM term, but loss.kd_weight reaches {self.max_kd_weight()}: "
+                f"{RENORM_COLLAPSE_NOTE}; set loss.missing_mass=tail, keep loss.kd_weight (and "
+                "loss.schedule.start/end) below 1, or set loss.allow_renorm_without_lm=true",
             )
         return self

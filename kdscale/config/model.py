@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kdscale.config.base import NUMERICS, SHAPE, Section, tagged_fields
+from kdscale.config.base import NUMERICS, SHAPE, InvalidKey, Section, tagged_fields
 
 
 class ModelConfig(Section):
@@ -78,14 +78,17 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                f"num_query_groups={self.num_query_groups}"
+            raise InvalidKey(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"must be a multiple of model.num_query_groups={self.num_query_groups}",
             )
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}; set kv_channels"
+            raise InvalidKey(
+                "hidden_size",
+                self.hidden_size,
+                f"not divisible by model.num_attention_heads={self.num_attention_heads}; set "
+                "model.kv_channels",
             )
         return self
 

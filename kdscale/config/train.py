@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kdscale.config.base import RUNTIME, Section
+from kdscale.config.base import RUNTIME, InvalidKey, Section
 
 
 class LRConfig(Section):
@@ -37,7 +37,7 @@ class LRConfig(Section):
     @model_validator(mode="after")
     def _min_below_peak(self) -> "LRConfig":
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+            raise InvalidKey("min_lr", self.min_lr, f"must not exceed train.lr.lr={self.lr}")
         return self
 
 
@@ -205,5 +205,7 @@ class TrainConfig(Section):
     def _warmup_fits(cls, lr: LRConfig, info: ValidationInfo) -> LRConfig:
         steps = info.data.get("steps")
         if steps and lr.warmup_steps >= steps:
-            raise ValueError(f"warmup_steps={lr.warmup_steps} must be below train.steps={steps}")
+            raise InvalidKey(
+                "warmup_steps", lr.warmup_steps, f"must be below train.steps={steps}"
+            )
         return lr
