@@ -49,7 +49,18 @@ class ModelConfig(Section):
         1e-5, gt=0, description="RMSNorm epsilon.", json_schema_extra=NUMERICS
     )
     # Training-time settings: free to differ from a checkpoint's.
-    init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+    init_method_std: float = Field(
+        0.02,
+        gt=0,
+        description="Std of the normal init of every weight matrix and the embedding (Hugging "
+        "Face's initializer_range).",
+    )
+    scaled_output_init: bool = Field(
+        True,
+        description="Start the attention output and MLP down projections at init_method_std / "
+        "sqrt(2 * num_layers), as megatron does (0.005 for 8 layers at 0.02); false: at "
+        "init_method_std like every other matrix, as Hugging Face's Llama initialises.",
+    )
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="Attention dropout.")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Hidden dropout.")
     precision: Literal["fp32", "bf16", "fp8"] = Field(

@@ -32,6 +32,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
 
 from kdscale.config import ModelConfig, ParallelConfig
 from kdscale.errors import KDScaleError
@@ -151,6 +152,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         add_bias_linear=False,
         add_qkv_bias=False,
         init_method_std=model.init_method_std,
+        # megatron scales the output projections (attention dense, MLP fc2) by 1/sqrt(2·layers)
+        # unless given their init; Hugging Face's Llama does not scale them.
+        output_layer_init_method=None
+        if model.scaled_output_init
+        else init_method_normal(model.init_method_std),
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         tensor_model_parallel_size=parallel.tensor,

@@ -13,6 +13,7 @@ run's.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,7 +94,19 @@ def build_student(start: Start, seed: int, load_weights: bool = True) -> LlamaFo
     model = LlamaForCausalLM(hf_config(start.model))
     if start.kind == "kdscale" and load_weights:
         _load_model_dir(model, start)
+    elif start.kind == "random" and start.model.scaled_output_init:
+        _scale_output_projections(model, start.model)
     return model
+
+
+def _scale_output_projections(model: LlamaForCausalLM, config: ModelConfig) -> None:
+    """Re-draw the attention output and MLP down projections at megatron's scaled std,
+    ``init_method_std / sqrt(2 · num_layers)`` (``model.scaled_output_init``)."""
+    std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.normal_(0.0, std)
+            layer.mlp.down_proj.weight.normal_(0.0, std)
 
 
 def _load_model_dir(model: LlamaForCausalLM, start: Start) -> None:
