@@ -78,7 +78,7 @@ STAGES: dict[str, Stage] = {
         "Score heads, groups, neurons, channels and layers on calibration tokens; write a pruned model.",
         "kdscale.prune.stage:run",
         (
-            Shorthand("--model", "prune.model", "source model directory (kdscale import-hf)"),
+            Shorthand("--model", "prune.model", "source model dir, HF dir or fixture name"),
             Shorthand("--tokens", "prune.tokens", "calibration token-shard directory"),
             Shorthand("--out", "prune.out", "pruned model directory"),
             Shorthand("--samples", "prune.calibration_samples", "calibration samples",

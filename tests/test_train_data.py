@@ -171,7 +171,7 @@ def test_dangling_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path:
     (tmp_path / CHECKPOINTS / LATEST).write_text(step_name(9) + "\n")
     assert latest_checkpoint(tmp_path) == six
     assert latest_checkpoint(tmp_path / "elsewhere") is None
-    with pytest.raises(KDScaleError, match="is not a kdscale checkpoint"):
+    with pytest.raises(KDScaleError, match="is not a model: expected a kdscale run directory"):
         resolve_checkpoint(tmp_path / "elsewhere", "CKPT")
 
 

@@ -96,8 +96,9 @@ class TeacherConfig(Section):
 
     model: str = Field(
         "smollm2-135m",
-        description="A local Hugging Face model directory or fixture name (backend hf), or a "
-        "kdscale checkpoint directory (backend megatron).",
+        description="A local Hugging Face model directory or fixture name; with backend "
+        "megatron also a kdscale checkpoint directory (an HF directory or fixture is imported "
+        "once).",
     )
     backend: Literal["hf", "megatron"] = Field(
         "hf",

@@ -50,7 +50,11 @@ class PruneSearch(Section):
 class PruneConfig(Section):
     """Where the source model and calibration tokens are, what to keep, how to score."""
 
-    model: str = Field("", description="Source model directory (from `kdscale import-hf`).")
+    model: str = Field(
+        "",
+        description="Source model: a kdscale model directory (`kdscale import-hf`), or a Hugging "
+        "Face directory or fixture name (imported once).",
+    )
     tokens: str = Field(
         "", description="Token-shard directory (from `kdscale data`) to calibrate on."
     )

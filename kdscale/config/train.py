@@ -126,8 +126,9 @@ class TrainConfig(Section):
     )
     init: str | None = Field(
         None,
-        description="Start from the weights of this kdscale checkpoint (a run directory, its "
-        "checkpoints/ or one step directory) instead of a random init; ignored on resume.",
+        description="Start from these weights instead of a random init: a kdscale checkpoint "
+        "(a model directory, a run directory, its checkpoints/ or one step directory), or a "
+        "Hugging Face directory or fixture name (imported once); ignored on resume.",
     )
     resume: Literal["auto", "never", "required"] = Field(
         "auto",

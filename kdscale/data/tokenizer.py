@@ -1,4 +1,5 @@
-"""Load a tokenizer by fixture name or directory, fingerprint it, and pick the document separator."""
+"""Load a tokenizer by fixture name, HF directory or kdscale model directory, fingerprint it, and
+pick the document separator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kdscale.errors import KDScaleError
-from kdscale.hub import resolve_model_dir
+from kdscale.hub import resolve_tokenizer_dir
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,13 @@ class TokenizerInfo:
 
 
 def _model_eos_id(model_dir: Path) -> int | None:
-    """The EOS id of the model's config (preferred over the tokenizer's: they can disagree)."""
-    config = model_dir / "config.json"
-    if not config.is_file():
-        return None
-    eos = json.loads(config.read_text()).get("eos_token_id")
-    return eos[0] if isinstance(eos, list) and eos else eos
+    """The EOS id of the model's config (preferred over the tokenizer's: they can disagree), or
+    of the token ids a kdscale model directory kept from it."""
+    for name in ("config.json", "token_ids.json"):
+        if (model_dir / name).is_file():
+            eos = json.loads((model_dir / name).read_text()).get("eos_token_id")
+            return eos[0] if isinstance(eos, list) and eos else eos
+    return None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -51,7 +53,7 @@ class Tokenizer:
     def __init__(self, name_or_dir: str):
         from transformers import AutoTokenizer
 
-        model_dir = resolve_model_dir(name_or_dir)
+        model_dir = resolve_tokenizer_dir(name_or_dir)
         if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise KDScaleError(
                 f"data.tokenizer: cannot load a tokenizer from {str(model_dir)!r}: it has no "

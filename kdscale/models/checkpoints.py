@@ -35,8 +35,10 @@ from megatron.core.models.gpt import GPTModel
 from kdscale.config import KDScaleConfig, ModelConfig, write_resolved_config
 from kdscale.config.model import architecture_fields
 from kdscale.errors import KDScaleError
+from kdscale.hub import FIXTURES, HF_META
 from kdscale.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from kdscale.logging import get_logger
+from kdscale.models.imported import imported_model_dir, is_hf_source
 
 log = get_logger(__name__)
 
@@ -44,7 +46,6 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "train_state.json"
 MODEL_CONFIG = "model.yaml"
-HF_META = "hf"
 
 
 def step_name(step: int) -> str:
@@ -88,11 +89,15 @@ def read_run_config(ckpt: Path) -> KDScaleConfig:
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
     """A megatron step directory from a run directory, its ``checkpoints/``, a step directory or
-    a model directory (a DeepSpeed run is refused: its weights load through transformers)."""
+    a model directory; a fixture name or a Hugging Face directory is imported once
+    (:mod:`kdscale.models.imported`). A DeepSpeed run is refused: its weights load through
+    transformers."""
     path = Path(path)
     found = path if (path / STATE).is_file() else latest_checkpoint(
         path.parent if path.name == CHECKPOINTS else path
     )
+    if found is None and is_hf_source(str(path)):
+        return imported_model_dir(str(path))
     if found is not None:
         engine = read_train_state(found).get("engine", "megatron")
         if engine != "megatron":
@@ -103,8 +108,9 @@ def resolve_checkpoint(path: str | Path, what: str) -> Path:
             )
         return found
     raise KDScaleError(
-        f"{what}={str(path)!r} is not a kdscale checkpoint: expected a run directory with "
-        f"{CHECKPOINTS}/, or a step directory holding {STATE}"
+        f"{what}={str(path)!r} is not a model: expected a kdscale run directory with "
+        f"{CHECKPOINTS}/, a step or model directory holding {STATE}, a Hugging Face directory "
+        f"(config.json) or a fixture name ({', '.join(sorted(FIXTURES))})"
     )
 
 

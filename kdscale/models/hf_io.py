@@ -1,6 +1,7 @@
 """``kdscale import-hf`` and ``kdscale export-hf``: HF Llama directories ↔ kdscale model dirs.
 
     kdscale import-hf ~/models/SmolLM2-135M runs/smollm2   # → a step-0 checkpoint (checkpoints.py)
+    kdscale import-hf smollm2-135m runs/smollm2            # a fixture name works everywhere a model does
     kdscale export-hf runs/pruned runs/pruned-hf            # → config.json, model.safetensors,
     kdscale export-hf runs/student runs/student-hf --tokenizer ~/models/SmolLM2-135M  # trained
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from kdscale.config import KDScaleConfig, ModelConfig, ParallelConfig
 from kdscale.errors import KDScaleError
+from kdscale.hub import resolve_model_dir, resolve_tokenizer_dir
 from kdscale.io import atomic_directory, atomic_write_text
 from kdscale.logging import get_logger
 from kdscale.models import build_gpt_model
@@ -113,14 +115,13 @@ def export_hf(
 ) -> Path:
     """Write a kdscale checkpoint (model dir, run dir or step dir) as an HF Llama directory.
 
-    Tokenizer and generation files come from ``tokenizer`` (an HF directory) if given, else from
-    the checkpoint's ``hf/`` (model directories have one; training checkpoints do not).
+    Tokenizer and generation files come from ``tokenizer`` (an HF directory, a fixture name or
+    a kdscale model directory) if given, else from the checkpoint's ``hf/`` (model directories
+    have one; training checkpoints do not).
     """
     ckpt, model = open_model_dir(ckpt, "MODEL_DIR")
     out = Path(out)
-    meta = Path(tokenizer) if tokenizer is not None else ckpt / HF_META
-    if tokenizer is not None and not meta.is_dir():
-        raise KDScaleError(f"--tokenizer {tokenizer}: not a directory")
+    meta = resolve_tokenizer_dir(str(tokenizer)) if tokenizer is not None else ckpt / HF_META
     token_ids = meta / "token_ids.json"
     if token_ids.is_file():
         tokens = json.loads(token_ids.read_text())
@@ -172,10 +173,10 @@ def import_main(argv: list[str]) -> int:
         "import-hf",
         "HF_DIR",
         "OUT",
-        "Convert an HF Llama directory to a kdscale "
+        "Convert an HF Llama directory or a fixture name (smollm2-135m) to a kdscale "
         "model directory (megatron dist checkpoint + model config).",
     ).parse_args(argv)
-    import_hf(args.src, args.out, overwrite=args.overwrite)
+    import_hf(resolve_model_dir(args.src), args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -191,7 +192,8 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument(
         "--tokenizer",
         metavar="HF_DIR",
-        help="copy tokenizer files from here (default: MODEL_DIR/hf)",
+        help="copy tokenizer files from this HF directory, fixture name or kdscale model "
+        "directory (default: MODEL_DIR/hf)",
     )
     args = parser.parse_args(argv)
     export_hf(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)

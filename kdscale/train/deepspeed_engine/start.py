@@ -25,6 +25,7 @@ from kdscale.config import ModelConfig
 from kdscale.errors import KDScaleError
 from kdscale.hub import FIXTURES, resolve_model_dir
 from kdscale.models.checkpoints import HF_META, open_model_dir, read_train_state
+from kdscale.models.imported import is_hf_source
 from kdscale.models.hf_convert import hf_config_to_model, model_to_hf_config
 
 # ModelConfig fields the run keeps when the architecture comes from elsewhere.
@@ -47,7 +48,7 @@ def resolve_start(source: str | None, run_model: ModelConfig) -> Start:
     if source is None:
         return Start("random", None, run_model, None)
     path = Path(source).expanduser()
-    if source in FIXTURES or (path / "config.json").is_file():
+    if is_hf_source(source):
         hf_dir = resolve_model_dir(source)
         hf = hf_config_to_model(json.loads((hf_dir / "config.json").read_text()))
         tokenizer = hf_dir if _has_tokenizer(hf_dir) else None
