@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from kdscale.cli import main
+from kdscale.config import KDLossConfig
 from kdscale.data.manifest import load_tokens_manifest
+from kdscale.train.evaluate import evaluate_model
 
 SAMPLES = 8  # = train.eval_batches × train.global_batch
 SETS = [
@@ -62,9 +64,16 @@ def test_cache_adds_the_kl_to_the_teacher(run_dir, tiny_tokens_dir, tiny_cache_d
                                 "--max-samples", str(SAMPLES), "--json")  # fmt: skip
     assert status == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"tokens", "lm_loss", "ppl", "kl"}
+    assert set(result) == {"tokens", "lm_loss", "ppl", "kl_teacher_tail", "kd_loss"}
     assert result["lm_loss"] == pytest.approx(in_training_eval(run_dir)["eval/lm_loss"], rel=1e-6)
-    assert result["kl"] > 1.0  # a 2-step student is far from the teacher
+    assert result["kl_teacher_tail"] > 1.0  # a 2-step student is far from the teacher
+    # The run's loss is forward KL on the tail buckets: its KD loss is the fixed-definition KL.
+    assert result["kd_loss"] == pytest.approx(result["kl_teacher_tail"], rel=1e-6)
+    # Under another objective (renorm over the support) the KD loss changes, the KL does not.
+    renorm = evaluate_model(run_dir, tiny_tokens_dir, cache_dir=tiny_cache_dir, limit=SAMPLES,
+                            loss=KDLossConfig(missing_mass="renorm", kd_weight=0.5))  # fmt: skip
+    assert renorm.kl_teacher_tail == pytest.approx(result["kl_teacher_tail"], rel=1e-6)
+    assert renorm.kd_loss != pytest.approx(result["kd_loss"], rel=1e-2)
 
 
 def test_plain_output_names_each_figure(run_dir, tiny_tokens_dir, capsys) -> None:

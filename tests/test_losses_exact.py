@@ -143,11 +143,28 @@ def test_metrics_are_weighted_token_means() -> None:
     m = out.metrics
     torch.testing.assert_close(m["kd"], (weight * kd_only).sum() / weight.sum(), rtol=1e-12, atol=0)
     torch.testing.assert_close(m["lm"], (weight * lm_only).sum() / weight.sum(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(m["kl"], m["kd"])
+    torch.testing.assert_close(m["kl_teacher_tail"], m["kd"])  # fkl on the tail buckets: the same
     torch.testing.assert_close(m["loss"], 0.25 * m["kd"] + 0.75 * m["lm"], rtol=1e-12, atol=0)
     covered = P.gather(-1, targets.ids).sum(-1)
     torch.testing.assert_close(m["covered_mass"], (weight * covered).sum() / weight.sum())
     assert m["tokens"].item() == (weight > 0).sum().item() and m["kd_weight"].item() == 0.25
+
+
+@pytest.mark.parametrize(("divergence", "missing_mass"), itertools.product(DIVERGENCES, MODES))
+def test_kl_teacher_tail_has_one_definition_whatever_the_objective(
+    divergence: str, missing_mass: str
+) -> None:
+    # Forward KL from the cached teacher (top-K ids + its tail bucket) to the student's full
+    # softmax, the same number whichever divergence and buckets the objective itself uses.
+    P, logits, targets, labels, mask = _case(16)
+    weight = mask * (labels != -100)
+    kl = reference_loss(logits, P, targets.ids, labels, divergence="fkl", missing_mass="tail")
+    cfg = KDLossConfig(divergence=divergence, missing_mass=missing_mass, kd_weight=0.5)
+    m = kd_lm_loss(logits, targets, labels, cfg, loss_mask=mask).metrics
+    torch.testing.assert_close(m["kl_teacher_tail"], (weight * kl).sum() / weight.sum(),
+                               rtol=1e-12, atol=0)  # fmt: skip
+    if (divergence, missing_mass) != ("fkl", "tail"):
+        assert not torch.isclose(m["kd"], m["kl_teacher_tail"])  # the objective is another figure
 
 
 def test_graph_saves_no_second_vocab_sized_tensor() -> None:

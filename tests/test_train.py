@@ -108,7 +108,7 @@ def test_reference_run_trains_and_saves(runs: Path) -> None:
     assert state["cache"]["teacher_fingerprint"]  # the cache it was trained on is recorded
     assert (runs / "ref" / "config.yaml").is_file()
     assert (latest_checkpoint(runs / "ref") / "model.yaml").is_file()
-    evals = metrics(runs / "ref", "eval/kl")
+    evals = metrics(runs / "ref", "eval/kl_teacher_tail")
     assert sorted(evals) == [8, 16] and evals[16] < evals[8]
 
 
@@ -139,7 +139,7 @@ def test_bf16_run_stopped_and_resumed_repeats_the_straight_run(runs: Path) -> No
 def test_kd_transfers_teacher_knowledge(
     runs: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    kl = metrics(runs / "kd", "eval/kl")
+    kl = metrics(runs / "kd", "eval/kl_teacher_tail")
     assert sorted(kl) == [10, 20, 30]
     assert kl[10] > kl[20] > kl[30]  # falls steadily on held-out data
     results = {}
@@ -148,8 +148,8 @@ def test_kd_transfers_teacher_knowledge(
                        str(tiny_cache_dir), "--max-samples", "16", "--json"])  # fmt: skip
         assert status == 0
         results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert results["kd"]["kl"] == pytest.approx(kl[30], rel=1e-5)  # `kdscale eval` agrees
-    assert results["kd"]["kl"] < 0.75 * results["ce"]["kl"]
+    assert results["kd"]["kl_teacher_tail"] == pytest.approx(kl[30], rel=1e-5)  # eval agrees
+    assert results["kd"]["kl_teacher_tail"] < 0.75 * results["ce"]["kl_teacher_tail"]
     assert results["ce"]["lm_loss"] < results["kd"]["lm_loss"]  # CE fits the labels instead
 
 

@@ -42,8 +42,10 @@ class PruneSearch(Section):
         4, ge=1, description="Candidates distilled: the largest ones within the budget."
     )
     steps: int = Field(20, ge=1, description="Distillation steps per candidate.")
-    metric: Literal["lm_loss", "kl"] = Field(
-        "lm_loss", description="Held-out metric ranking the candidates (kl needs train.cache)."
+    metric: Literal["lm_loss", "kl_teacher_tail"] = Field(
+        "lm_loss",
+        description="Held-out metric ranking the candidates: lm_loss, or kl_teacher_tail (KL to "
+        "the teacher's cached top ids + tail bucket; needs train.cache).",
     )
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from kdscale.cache.targets import SparseTargets
 from kdscale.config.loss import KDLossConfig
 from kdscale.losses.checks import IGNORE_INDEX, check_call, count_problems, raise_problems
-from kdscale.losses.divergences import divergence, forward_kl, support_buckets
+from kdscale.losses.divergences import divergence, support_buckets, teacher_tail_kl
 from kdscale.losses.schedule import resolve_kd_weight
 from kdscale.losses.vocab_parallel import compute_dtype, group_rank_size, sparse_log_softmax
 
@@ -31,9 +31,12 @@ class KDLossOutput:
     """``loss``: per-token total ``[B, S]`` (float32; float64 for float64 logits), 0 where masked.
 
     ``metrics``: scalar tensors, weighted token means over counted positions — ``loss``, ``kd``
-    (α-free, T²-scaled), ``lm``, ``kl`` (forward KL on the configured buckets, whatever the
-    divergence), ``covered_mass`` (teacher mass on the support), ``student_covered_mass``
-    (student mass there, at T) — plus ``kd_weight`` (α) and ``tokens`` (counted positions).
+    (the run's own KD term: its divergence and missing-mass buckets, α-free, T²-scaled), ``lm``,
+    ``kl_teacher_tail`` (one fixed definition for every run: forward KL from the teacher's cached
+    distribution, top ids plus the tail bucket, to the student at T;
+    :func:`~kdscale.losses.divergences.teacher_tail_kl`), ``covered_mass`` (teacher mass on the
+    support), ``student_covered_mass`` (student mass there, at T) — plus ``kd_weight`` (α) and
+    ``tokens`` (counted positions).
     """
 
     loss: torch.Tensor
@@ -118,12 +121,18 @@ def kd_lm_loss(
         def mean(x_N: torch.Tensor) -> torch.Tensor:
             return torch.where(token_N, weight_N * x_N, 0.0).sum() / weight_sum
 
-        kl_N = kd_N / temp_sq if cfg.divergence == "fkl" else forward_kl(buckets)
+        if cfg.divergence == "fkl" and cfg.missing_mass == "tail":
+            kl_N = kd_N / temp_sq  # the run's own term is the fixed definition
+        else:
+            kl_N = teacher_tail_kl(
+                buckets, cfg.missing_mass, t_logp_NK, t_tail_N, logq_NK, logq_tail_N, valid_NK,
+                token_N,
+            )  # fmt: skip
         metrics = {
             "loss": mean(total_N),
             "kd": mean(kd_N),
             "lm": mean(nll_N),
-            "kl": mean(kl_N),
+            "kl_teacher_tail": mean(kl_N),
             "covered_mass": mean(torch.where(valid_NK, t_logp_NK.exp(), 0.0).sum(1)),
             "student_covered_mass": mean(logq_NK.exp().sum(1)),
             "kd_weight": torch.tensor(alpha, dtype=cdt, device=loss_N.device),

@@ -107,3 +107,28 @@ def divergence(name: str, b: Buckets, jsd_beta: float = 0.5) -> torch.Tensor:
     if name == "tvd":
         return total_variation(b)
     raise ValueError(f"divergence={name!r}; allowed: fkl, rkl, jsd, tvd")
+
+
+def teacher_tail_kl(
+    buckets: Buckets,
+    missing_mass: str,
+    t_logp_NK: torch.Tensor,
+    t_tail_N: torch.Tensor,
+    s_logq_NK: torch.Tensor,
+    s_tail_N: torch.Tensor,
+    valid_NK: torch.Tensor,
+    token_N: torch.Tensor,
+) -> torch.Tensor:
+    """``KL(teacher ‖ student)`` per row ``[N]`` on the teacher's cached distribution, tail
+    included: the K cached ids plus one bucket for the rest of the vocabulary, whatever
+    ``missing_mass`` the loss uses (``buckets`` are the loss's, reused when they are these).
+
+    One definition for every run, so runs trained with different objectives compare; by the
+    log-sum inequality it is a lower bound of the full-vocabulary KL (equal to it when the
+    student's distribution is proportional to the teacher's inside the tail).
+    """
+    if missing_mass != "tail":
+        buckets = support_buckets(
+            "tail", t_logp_NK, t_tail_N, s_logq_NK, s_tail_N, valid_NK, token_N
+        )
+    return forward_kl(buckets)

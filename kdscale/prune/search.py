@@ -8,7 +8,7 @@ compute is spent), and rank them by a held-out metric.
 
     kdscale prune --search --model runs/smollm2 --tokens runs/tokens --out runs/search \\
         --set prune.search.params=70000000 --set train.tokens=runs/tokens \\
-        --set train.cache=runs/cache --set prune.search.metric=kl
+        --set train.cache=runs/cache --set prune.search.metric=kl_teacher_tail
 
 Writes ``OUT/candidates/<name>/{model,run}`` and ``OUT/search.json`` / ``OUT/search.md`` (the
 table, winner marked); the winner's pruned model is ``OUT/candidates/<winner>/model`` and its
@@ -121,8 +121,10 @@ def run_search(cfg: KDScaleConfig) -> dict[str, Any]:
         raise KDScaleError(
             "prune.search distills each candidate: set train.tokens (and train.cache)"
         )
-    if search.metric == "kl" and not cfg.train.cache:
-        raise KDScaleError("prune.search.metric='kl' needs train.cache (the teacher targets)")
+    if search.metric == "kl_teacher_tail" and not cfg.train.cache:
+        raise KDScaleError(
+            "prune.search.metric='kl_teacher_tail' needs train.cache (the teacher targets)"
+        )
     samples = calibration_samples(prune, src.vocab_size)
     root = Path(prune.out)
     rows = []

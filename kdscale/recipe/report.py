@@ -67,11 +67,12 @@ def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
     lines = [
-        "| model | parameters | steps | held-out LM loss | perplexity | KL to teacher |",
+        "| model | parameters | steps | held-out LM loss | perplexity "
+        "| KL to teacher (top-k + tail) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        kl = f"{row['kl']:.3f}" if "kl" in row else "–"
+        kl = f"{row['kl_teacher_tail']:.3f}" if "kl_teacher_tail" in row else "–"
         lines.append(
             f"| {row['model']} | {row['parameters'] / 1e6:.1f}M | {row['step']} | "
             f"{row['lm_loss']:.3f} | {row['ppl']:.1f} | {kl} |"

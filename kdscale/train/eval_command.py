@@ -1,12 +1,15 @@
 """``kdscale eval CKPT --data TOKENS_DIR [--cache CACHE_DIR] [--json]``: evaluate a checkpoint.
 
     kdscale eval runs/student --data runs/tokens --cache runs/cache --json
-    {"tokens": 4832, "lm_loss": 3.41, "ppl": 30.3, "kl": 0.52}
+    {"tokens": 4832, "lm_loss": 3.41, "ppl": 30.3, "kl_teacher_tail": 0.52, "kd_loss": 0.52}
 
-``CKPT`` is a run directory (its latest checkpoint), its ``checkpoints/`` or one step directory;
-the checkpoint holds the model config it was built from (and the run's ``loss`` section, which
-defines the KL), so nothing else is needed. Prints tokens evaluated, LM loss, perplexity and,
-with a cache of the same tokens, the KL to the teacher. Without torchrun it runs in this
+``CKPT`` is a run directory (its latest checkpoint), its ``checkpoints/`` or one step directory,
+a model directory, or a Hugging Face directory or fixture name (imported once); the checkpoint
+holds the model config it was built from (and the run's ``loss`` section), so nothing else is
+needed. Prints tokens evaluated, LM loss, perplexity and, with a cache of the same tokens, the
+KL to the teacher under one definition for every run (``kl_teacher_tail``: the teacher's cached
+top ids plus its tail bucket) and the run's own KD loss (``kd_loss``: its divergence,
+missing-mass buckets and temperature). Without torchrun it runs in this
 process (a world of one); under torchrun the samples are split over data-parallel ranks and
 ``--tensor``/``--pipeline`` set the model-parallel layout. Arguments are parsed before
 megatron is imported, so ``--help`` is instant.
@@ -38,6 +41,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _objective(checkpoint: str) -> str:
+    """The loss settings that define the checkpoint's ``kd_loss``."""
+    from kdscale.models.checkpoints import read_run_config, resolve_checkpoint
+
+    loss = read_run_config(resolve_checkpoint(checkpoint, "CKPT")).loss
+    return (
+        f"loss.divergence={loss.divergence}, loss.missing_mass={loss.missing_mass}, "
+        f"loss.temperature={loss.temperature:g}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``kdscale eval``: returns a process exit status."""
     args = _parse(sys.argv[1:] if argv is None else argv)
@@ -56,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tokens evaluated: {result.tokens:,}")
             print(f"LM loss:          {result.lm_loss:.4f}")
             print(f"perplexity:       {result.ppl:.3f}")
-            if result.kl is not None:
-                print(f"KL to teacher:    {result.kl:.4f}")
+            if result.kl_teacher_tail is not None:
+                print(f"KL to teacher:    {result.kl_teacher_tail:.4f}  "
+                      "(kl_teacher_tail: cached top ids + tail bucket)")  # fmt: skip
+                print(f"run's KD loss:    {result.kd_loss:.4f}  "
+                      f"(kd_loss: {_objective(args.checkpoint)})")  # fmt: skip
     return 0

@@ -4,10 +4,11 @@
     result = evaluate(chunks, objective, samples, limit, ...)   # the model being trained
 
 Used every ``train.eval_every`` steps by the megatron engine, by ``kdscale eval``
-(:mod:`kdscale.train.eval_command`) and by a recipe's report. The KL is the ``kl`` metric of
-``kd_lm_loss`` under the run's ``loss`` section: forward KL on the cached support (with
-``missing_mass: tail`` the rest of the vocabulary is one more bucket). Data-parallel ranks split
-the samples.
+(:mod:`kdscale.train.eval_command`) and by a recipe's report. With cached targets two figures
+describe the distance to the teacher: ``kl_teacher_tail``, defined the same for every run
+(forward KL from the teacher's cached distribution, its top ids plus the tail bucket, to the
+student), and ``kd_loss``, the run's own KD term under its ``loss`` section (divergence,
+missing-mass buckets, T²). Data-parallel ranks split the samples.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from kdscale.train.objective import Objective
 
 @dataclass
 class EvalResult:
-    """Token-weighted held-out metrics (``kl`` only with cached targets)."""
+    """Token-weighted held-out metrics (``kl_teacher_tail`` and ``kd_loss`` only with cached
+    targets)."""
 
     tokens: int
     lm_loss: float
     ppl: float
-    kl: float | None = None
+    kl_teacher_tail: float | None = None
+    kd_loss: float | None = None
 
     @classmethod
     def from_sums(cls, sums: torch.Tensor, has_targets: bool) -> "EvalResult":
@@ -55,8 +58,12 @@ class EvalResult:
         total = dict(zip(SUMS, sums.tolist()))
         tokens = max(total["tokens"], 1.0)
         lm = total["lm"] / tokens
-        kl = total["kl"] / tokens if has_targets else None
-        return cls(int(total["tokens"]), lm, perplexity(lm), kl)
+        if not has_targets:
+            return cls(int(total["tokens"]), lm, perplexity(lm))
+        return cls(
+            int(total["tokens"]), lm, perplexity(lm), total["kl_teacher_tail"] / tokens,
+            total["kd"] / tokens,
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, float | int]:
         """The result without absent fields."""

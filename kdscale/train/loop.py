@@ -286,7 +286,7 @@ class TrainLoop:
         if self.kd_weight is not None:
             metrics |= {
                 "loss/kd": total["kd"] / tokens,
-                "kd/kl": total["kl"] / tokens,
+                "kd/kl_teacher_tail": total["kl_teacher_tail"] / tokens,
                 "kd/covered_mass": total["covered_mass"] / tokens,
                 "kd/weight": self.kd_weight,
             }

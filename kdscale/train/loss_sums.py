@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 # Token-weighted sums every micro-batch reports (``tokens`` is the count of counted positions).
-SUMS = ("tokens", "loss", "lm", "kd", "kl", "covered_mass")
-_KD_METRICS = ("loss", "lm", "kd", "kl", "covered_mass")
+SUMS = ("tokens", "loss", "lm", "kd", "kl_teacher_tail", "covered_mass")
+_KD_METRICS = ("loss", "lm", "kd", "kl_teacher_tail", "covered_mass")
 
 
 def token_sums(

@@ -99,7 +99,7 @@ def train_line(m: dict[str, float]) -> str:
     if "loss/kd" in m:
         parts += [
             f"kd {m['loss/kd']:.4f}",
-            f"kl {m['kd/kl']:.4f}",
+            f"kl_teacher_tail {m['kd/kl_teacher_tail']:.4f}",
             f"cover {m['kd/covered_mass']:.3f}",
             f"α {m['kd/weight']:.2f}",
         ]
@@ -117,8 +117,8 @@ def eval_line(m: dict[str, float]) -> str:
     """The console summary of an evaluation."""
     text = f"eval: {m['eval/tokens']:,.0f} tokens | lm {m['eval/lm_loss']:.4f}"
     text += f" | ppl {m['eval/ppl']:.2f}"
-    if "eval/kl" in m:
-        text += f" | kl {m['eval/kl']:.4f}"
+    if "eval/kl_teacher_tail" in m:
+        text += f" | kl_teacher_tail {m['eval/kl_teacher_tail']:.4f} | kd {m['eval/kd_loss']:.4f}"
     return text
 
 
