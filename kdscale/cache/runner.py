@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
 from kdscale.cache.manifest import CacheHeader, CacheManifest, CacheShardRecord, load_cache_manifest
 from kdscale.cache.writer import ShardTask
@@ -31,6 +30,7 @@ from kdscale.config.cache import CacheConfig
 from kdscale.data.manifest import TokensManifest, load_tokens_manifest
 from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
+from kdscale.progress import progress_bar
 from kdscale.tracking import start_tracking
 
 log = get_logger(__name__)
@@ -242,7 +242,7 @@ def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest,
     idle = list(actors)
     inflight: dict[Any, tuple[Any, ShardTask]] = {}
     start, tokens_done = time.perf_counter(), 0
-    with tqdm(total=len(todo), desc="caching", unit="shard", disable=None) as bar:
+    with progress_bar("caching", len(todo), "shard") as bar:
         while queue or inflight:
             while idle and queue:
                 actor, task = idle.pop(), queue.popleft()
@@ -261,8 +261,7 @@ def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest,
             idle.append(actor)
             tokens_done += record.tokens
             rate = tokens_done / max(time.perf_counter() - start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{rate:,.0f}")
+            bar.update(1, tokens=record.tokens)
             tracker.log(
                 {
                     "cache/tokens_per_s": rate,

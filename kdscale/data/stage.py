@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from kdscale.config import KDScaleConfig, write_resolved_config
 from kdscale.config.data import DataConfig
@@ -27,6 +26,7 @@ from kdscale.data.tokenizer import Tokenizer
 from kdscale.errors import KDScaleError
 from kdscale.io import atomic_directory
 from kdscale.logging import get_logger
+from kdscale.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -113,14 +113,14 @@ def _write_shards(
     seen: set[bytes] = set()
     stats = {"documents": 0, "tokens": 0, "duplicate_samples": 0}
     start = time.perf_counter()
-    with tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=None) as bar:
+    with progress_bar("tokenizing", unit="tok") as bar:
         for fixed_split, ids in _tokenized(sources, tokenizer, data):
             _check_ids(ids, info.vocab_size, "data.inputs")
             held_out = _is_held_out(ids, data.eval_fraction, separator_id)
             split = fixed_split or ("eval" if held_out else "train")
             stats["documents"] += 1
             stats["tokens"] += len(ids)
-            bar.update(len(ids))
+            bar.update(len(ids), tokens=len(ids))
             for sample in packers[split].add(ids):
                 stored = sample.astype(dtype)
                 key = sample_key(stored)

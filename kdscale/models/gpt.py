@@ -176,6 +176,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # On GPU, interleaving takes the unbatched path as in megatron-LM's defaults
         # (batch_p2p_comm = not overlap_p2p_comm, overlap on only when interleaving).
         batch_p2p_comm=on_gpu and parallel.virtual_pipeline is None,
+        # megatron 0.16's default ("full") is deprecated in favour of this, which means the same.
+        cuda_graph_scope=[],
         **fp8,
     )
 

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from kdscale.progress import track
+
 
 class _Accumulator:
     """Per-unit scores of samples ``[B, U]``, reduced over samples as ``kind`` says."""
@@ -143,7 +145,7 @@ def collect_importance(
             layer.register_forward_hook(block_hook(i), with_kwargs=True),
         ]
     try:
-        loss_sum, tokens = _run(gpt, batches)
+        loss_sum, tokens = _run(gpt, batches, "scoring")
     finally:
         for handle in handles:
             handle.remove()
@@ -170,11 +172,13 @@ def collect_importance(
     )
 
 
-def _run(gpt: torch.nn.Module, batches: Iterable[torch.Tensor]) -> tuple[float, int]:
+def _run(
+    gpt: torch.nn.Module, batches: Iterable[torch.Tensor], desc: str
+) -> tuple[float, int]:
     """Forward every batch with labels; return (sum of per-token LM loss, tokens)."""
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in batches:
+        for batch in track(batches, desc, unit="batch", tokens_of=lambda b: b[:, 1:].numel()):
             per_token = gpt(batch[:, :-1], None, None, labels=batch[:, 1:])  # [B, S]
             loss_sum += per_token.double().sum().item()
             tokens += per_token.numel()
@@ -195,7 +199,7 @@ def _gather_tensor_parallel(local_LU: torch.Tensor) -> torch.Tensor:
 
 def evaluate_loss(gpt: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
     """Mean LM loss per token of ``batches`` over every data-parallel rank (collective)."""
-    loss_sum, tokens = _run(gpt, batches)
+    loss_sum, tokens = _run(gpt, batches, "pruned model loss")
     totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return (totals[0] / totals[1]).item()

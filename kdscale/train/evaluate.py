@@ -34,6 +34,7 @@ from kdscale.models.checkpoints import (
     resolve_checkpoint,
 )
 from kdscale.models.parallel import device, parallel_session
+from kdscale.progress import progress_bar
 from kdscale.train.checks import check_cache, check_tokens
 from kdscale.train.loader import NOTHING, Needs, eval_batches
 from kdscale.train.loss_sums import SUMS
@@ -102,6 +103,8 @@ def evaluate(
             needs=chunk_needs(chunk, samples.has_targets),
         )  # fmt: skip
         iterators.append(batches)
+    bar = progress_bar("evaluating", micro_batches, "batch", leave=False)
+    iterators[0] = bar.count(iterators[0], lambda _: micro_batch * seq_len)
     for chunk in model:
         chunk.eval()
     try:
@@ -116,6 +119,7 @@ def evaluate(
                 forward_only=True,
             )
     finally:
+        bar.close()
         for chunk in model:
             chunk.train()
     sums = torch.zeros(len(SUMS), dtype=torch.float64)

@@ -36,6 +36,7 @@ from kdscale.logging import get_logger
 from kdscale.losses import kd_weight_at
 from kdscale.models import count_parameters
 from kdscale.models.parallel import destroy_parallel, initialize_parallel
+from kdscale.progress import progress_bar
 from kdscale.tracking import Tracker, start_tracking
 from kdscale.train.checkpoint import Progress, remove_interrupted_saves
 from kdscale.train.checks import RunInputs
@@ -204,6 +205,7 @@ class TrainLoop:
         tracker = _run_tracker(cfg, inputs, self.out) if dist.get_rank() == 0 else None
         self.sink = MetricsSink(self.out, tracker)
         self.window = LogWindow(engine.device)
+        self.bar = progress_bar("training", train.steps, "step", initial=self.progress.step)
 
     def fit(self) -> int:
         """Train until ``train.steps`` (or a stop request); save; return 0."""
@@ -215,6 +217,7 @@ class TrainLoop:
         while self.progress.step < train.steps:
             self.train_step()
             step = self.progress.step
+            self.bar.update(1, tokens=train.global_batch * self.seq_len)
             stop = self.end_of_step()
             began = time.perf_counter()
             if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
@@ -310,7 +313,8 @@ class TrainLoop:
         log.info("saved %s", self.engine.save(self.progress))
 
     def close(self) -> None:
-        """Stop the loader thread, close files and the W&B run."""
+        """Stop the loader thread and the progress bar, close files and the W&B run."""
+        self.bar.close()
         self.loader.close()
         self.train_samples.close()
         self.eval_samples.close()

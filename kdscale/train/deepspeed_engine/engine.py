@@ -22,6 +22,7 @@ import torch.distributed as dist
 from kdscale.config import KDScaleConfig
 from kdscale.data.store import TokenStore
 from kdscale.logging import get_logger
+from kdscale.progress import track
 from kdscale.train.checkpoint import Progress
 from kdscale.train.checks import RunInputs
 from kdscale.train.deepspeed_engine.checkpoint import load_zero_checkpoint, save_zero_checkpoint
@@ -80,7 +81,7 @@ class DeepSpeedEngine:
     def evaluate(self, samples: TokenStore, limit: int, kd_weight: float | None) -> EvalResult:
         """Forward passes over the first ``limit`` samples, split over ranks."""
         train = self.cfg.train
-        _, batches = eval_batches(
+        count, batches = eval_batches(
             samples, limit, micro_batch=train.micro_batch, dp_rank=self.dp_rank,
             dp_size=self.dp_size, needs=Needs(tokens=True, targets=kd_weight is not None),
         )  # fmt: skip
@@ -88,7 +89,8 @@ class DeepSpeedEngine:
         self.ds.eval()
         try:
             with torch.no_grad():
-                for batch in batches:
+                for batch in track(batches, "evaluating", total=count, unit="batch", leave=False,
+                                   tokens_of=lambda b: b.tokens[:, 1:].numel()):  # fmt: skip
                     batch = batch_to_device(batch, self.device)
                     sums += micro_batch_loss(self.ds, batch, self.cfg.loss, kd_weight, False)[2]
         finally:
