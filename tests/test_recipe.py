@@ -106,6 +106,30 @@ def test_dry_run_checks_training_against_layout_and_cache(tmp_path, capsys, sets
     assert status == 2 and out == "" and message in err
 
 
+@pytest.mark.parametrize(
+    ("sets", "warning"),
+    [
+        ([], None),  # the recipe wires the pruned model in: nothing to say
+        (["train.init=elsewhere"], "but the student starts from elsewhere (train.init); set "
+                                   "train.init={pruned} to distill the pruned model"),
+        (["train.engine=deepspeed", "train.deepspeed.model=smollm2-135m",
+          "recipe.stages=[data,teacher,cache,prune,train]"],
+         "but the student starts from smollm2-135m (train.deepspeed.model)"),
+    ],
+)  # fmt: skip
+def test_recipe_warns_when_the_student_does_not_start_from_the_pruned_model(
+    tmp_path, capsys, sets, warning
+):
+    argv = [str(_recipe(tmp_path, "smollm2-135m")), "--dry-run"]
+    status, _, err = _run(capsys, *argv, *[a for s in sets for a in ("--set", s)])
+    assert status == 0, err
+    if warning is None:
+        assert "pruned model" not in err
+    else:
+        pruned = tmp_path / "run" / "pruned"
+        assert f"a pruned model exists at {pruned}, {warning.format(pruned=pruned)}" in err
+
+
 def _recipes() -> list[Path]:
     return [p for p in sorted((REPO / "configs").glob("*.yaml")) if "recipe" in yaml.safe_load(p.read_text())]
 
@@ -215,6 +239,18 @@ def test_rerun_skips_every_stage_and_touches_nothing(recipe_run, capsys):
     assert status == 0 and _plan(out) == dict.fromkeys(ALL_STAGES, "skip")
     after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "wandb" not in p.parts}
     assert after == before
+
+
+def test_an_existing_pruned_model_the_student_skips_is_warned(recipe_run, tmp_path, capsys):
+    _, root, _ = recipe_run  # a train-only recipe next to the pruned model of the run above
+    argv = ["--set", f"recipe.out={tmp_path}", "--set", "recipe.stages=[train]",
+            "--set", f"data.out={root / 'tokens'}", "--set", f"prune.out={root / 'pruned'}"]
+    status, _, err = _run(capsys, str(recipe_run[0]), "--dry-run", *argv)
+    assert status == 0, err
+    assert (
+        f"a pruned model exists at {root / 'pruned'}, but the student starts from a random init "
+        f"(train.init); set train.init={root / 'pruned'}"
+    ) in err
 
 
 def test_changed_config_refuses_then_force_reruns_that_stage_and_later(recipe_run, capsys):

@@ -91,6 +91,13 @@ class TrainConfig(Section):
         default_factory=DeepSpeedSection, description="DeepSpeed ZeRO engine settings."
     )
     tokens: str = Field("", description="Token-shard directory (output of `kdscale data`).")
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Train on the first N samples of the train split only (in stored order): "
+        "every epoch is a seeded permutation of those N and no other sample is ever read, so "
+        "train.steps × global_batch / N epochs (None: the whole split).",
+    )
     cache: str | None = Field(
         None,
         description="Teacher-target cache directory (output of `kdscale cache`); None trains "

@@ -67,3 +67,29 @@ def baseline_config(cfg: KDScaleConfig) -> KDScaleConfig:
     """The student's run without teacher targets: same init, data, steps and schedule."""
     train = cfg.train.model_copy(update={"cache": None, "out": str(baseline_dir(cfg))})
     return student_config(cfg.model_copy(update={"train": train}))
+
+
+def unused_pruned_model(cfg: KDScaleConfig) -> str | None:
+    """A warning when a recipe trains a student that does not start from the pruned model it
+    makes or already has (a wired recipe; None when there is nothing to say)."""
+    if not {"train", "baseline"} & set(cfg.recipe.stages):
+        return None
+    key = "train.deepspeed.model" if cfg.train.engine == "deepspeed" else "train.init"
+    start = cfg.train.deepspeed.model if cfg.train.engine == "deepspeed" else cfg.train.init
+    if "prune" in cfg.recipe.stages:
+        pruned = Path(cfg.prune.out)
+    else:
+        try:
+            pruned = pruned_model_dir(cfg)
+        except KDScaleError:  # a search that has not finished: no model yet
+            return None
+        if not (pruned / "train_state.json").is_file():
+            return None
+    pruned_paths = {pruned.resolve(), Path(cfg.prune.out).resolve()}
+    if start is not None and Path(start).resolve() in pruned_paths:
+        return None
+    starts = f"starts from {start}" if start else "starts from a random init"
+    return (
+        f"a pruned model exists at {pruned}, but the student {starts} ({key}); set "
+        f"{key}={pruned} to distill the pruned model"
+    )

@@ -29,6 +29,7 @@ from kdscale.config import KDScaleConfig, load_config
 from kdscale.errors import ArgumentParser
 from kdscale.io import atomic_write_text
 from kdscale.logging import get_logger
+from kdscale.recipe.layout import unused_pruned_model
 from kdscale.recipe.lineage import stage_artifact
 from kdscale.recipe.plan import (
     STATE_DIR,
@@ -97,6 +98,9 @@ def run_stage(cfg: KDScaleConfig, plan: StagePlan) -> bool:
 def run_recipe(cfg: KDScaleConfig, force: bool = False, dry_run: bool = False) -> int:
     """Plan the recipe, print the plan, and (unless ``dry_run``) run it; exit status."""
     cfg = wire(cfg)
+    unused = unused_pruned_model(cfg)
+    if unused:
+        log.warning("%s", unused)
     plans = plan_run(cfg, force=force)
     print(format_plan(plans), flush=True)
     check_refusals(plans)

@@ -46,6 +46,12 @@ class RunInputs:
     data_parallel: int
     resume_from: Path | None
     init_from: Path | None
+    max_samples: int | None = None
+
+    @property
+    def train_samples(self) -> int:
+        """How many samples of the train split the run draws from (``train.max_samples``)."""
+        return self.max_samples or self.tokens.splits["train"].samples
 
     def fingerprints(self) -> dict[str, Any]:
         """Identity of the inputs, recorded in every checkpoint and the W&B run config."""
@@ -58,7 +64,11 @@ class RunInputs:
                 "codec": header.codec,
                 "manifest_fingerprint": self.cache.manifest.fingerprint,
             }
-        return {"tokens_fingerprint": self.tokens.fingerprint, "cache": cache}
+        return {
+            "tokens_fingerprint": self.tokens.fingerprint,
+            "cache": cache,
+            "max_samples": self.max_samples,
+        }
 
 
 def check_tokens(tokens_dir: str, model: ModelConfig, what: str) -> TokensManifest:
@@ -135,6 +145,12 @@ def _check_resume(ckpt: Path, cfg: KDScaleConfig, fingerprints: dict[str, Any]) 
             "was trained on (its data position would be meaningless); start a new run with "
             f"train.init={ckpt}"
         )
+    if saved.get("max_samples") != fingerprints["max_samples"]:
+        raise KDScaleError(
+            f"train.max_samples={fingerprints['max_samples']}: the run in {cfg.train.out} draws "
+            f"from max_samples={saved.get('max_samples')} (its data position would be "
+            f"meaningless otherwise); keep that value or start a new run with train.init={ckpt}"
+        )
     before, now = saved["cache"], fingerprints["cache"]
     if (before is None) != (now is None):
         had = "with a cache" if before else "without a cache"
@@ -159,8 +175,14 @@ def check_run(cfg: KDScaleConfig, world_size: int) -> RunInputs:
     data_parallel = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
     check_batch(cfg, data_parallel)
     tokens = check_tokens(train.tokens, cfg.model, "train.tokens")
-    if not tokens.splits["train"].samples:
+    available = tokens.splits["train"].samples
+    if not available:
         raise KDScaleError(f"train.tokens: {train.tokens} has no training samples")
+    if train.max_samples is not None and train.max_samples > available:
+        raise KDScaleError(
+            f"train.max_samples={train.max_samples} exceeds the {available} training samples of "
+            f"{train.tokens}; lower it, or leave it unset to train on all of them"
+        )
     cache = None
     if train.cache:
         cache = check_cache(
@@ -177,10 +199,25 @@ def check_run(cfg: KDScaleConfig, world_size: int) -> RunInputs:
         )
     if resume is None and train.resume == "required":
         raise KDScaleError(f"train.resume='required' but {train.out} has no checkpoint")
-    inputs = RunInputs(tokens, cache, world_size, data_parallel, resume, None)
+    inputs = RunInputs(tokens, cache, world_size, data_parallel, resume, None, train.max_samples)
     if resume is not None:
         _check_resume(resume, cfg, inputs.fingerprints())
     elif train.init:
         inputs.init_from = resolve_checkpoint(train.init, "train.init")
         check_architecture(inputs.init_from, cfg.model, "train.init")
     return inputs
+
+
+def start_note(cfg: KDScaleConfig, inputs: RunInputs, weights: str | None, key: str) -> str:
+    """What the student starts from, said once at the start of a run: the checkpoint it resumes,
+    the weights ``key`` names (``weights``), or a random init."""
+    if inputs.resume_from is not None:
+        return f"resumes {inputs.resume_from}"
+    if weights is not None:
+        return f"starts from the weights of {weights} ({key})"
+    model = cfg.model
+    return (
+        f"starts from a random init (model.init_method_std={model.init_method_std}, "
+        f"model.scaled_output_init={str(model.scaled_output_init).lower()}, "
+        f"train.seed={cfg.train.seed}); set {key} to start from a model"
+    )

@@ -71,10 +71,13 @@ class Engine(Protocol):
     """What the loop needs from a training engine.
 
     ``progress`` is where the run stands when the engine is built (restored from
-    ``inputs.resume_from``, else zero); ``needs`` what this rank reads of each micro-batch.
+    ``inputs.resume_from``, else zero); ``origin`` what the weights started from, for the log
+    (:func:`kdscale.train.checks.start_note`); ``needs`` what this rank reads of each
+    micro-batch.
     """
 
     progress: Progress
+    origin: str
     needs: Needs
     dp_rank: int
     dp_size: int
@@ -192,7 +195,7 @@ class TrainLoop:
         self.train_samples, self.eval_samples = _open_samples(train, inputs)
         self.loader = TrainLoader(
             self.train_samples,
-            GlobalOrder(len(self.train_samples), train.seed),
+            GlobalOrder(inputs.train_samples, train.seed),
             consumed_samples=self.progress.consumed_samples,
             global_batch=train.global_batch,
             micro_batch=train.micro_batch,
@@ -210,6 +213,7 @@ class TrainLoop:
     def fit(self) -> int:
         """Train until ``train.steps`` (or a stop request); save; return 0."""
         train = self.train_cfg
+        self.log_start()
         if self.progress.step == 0 and train.steps == 0:
             self.save()
         elif self.progress.step >= train.steps:
@@ -235,6 +239,19 @@ class TrainLoop:
         if self.progress.step >= train.steps:
             self.engine.finish()
         return 0
+
+    def log_start(self) -> None:
+        """Say what the student starts from and which samples it trains on."""
+        train, inputs = self.train_cfg, self.inputs
+        available = inputs.tokens.splits["train"].samples
+        drawn = (
+            f"the first {inputs.train_samples} of {available} training samples (train.max_samples)"
+            if train.max_samples is not None else f"{available} training samples"
+        )  # fmt: skip
+        epochs = train.steps * train.global_batch / inputs.train_samples
+        log.info("student %s", self.engine.origin)
+        log.info("data: %s, %d steps × %d samples = %.3g epochs", drawn, train.steps,
+                 train.global_batch, epochs)  # fmt: skip
 
     def train_step(self) -> None:
         """One optimizer step over the next global batch; adds it to the log window."""

@@ -23,20 +23,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from kdscale.config import KDScaleConfig
 from kdscale.data.store import TokenStore
 from kdscale.errors import KDScaleError
-from kdscale.logging import get_logger
 from kdscale.models import build_model_chunks, transformer_config, validate_layout
 from kdscale.models.checkpoints import load_weights
 from kdscale.models.parallel import device
 from kdscale.train.checkpoint import Progress, load_checkpoint, save_checkpoint
-from kdscale.train.checks import RunInputs
+from kdscale.train.checks import RunInputs, start_note
 from kdscale.train.evaluate import EvalResult, chunk_needs, evaluate
 from kdscale.train.loader import NOTHING, MicroBatch
 from kdscale.train.loop import StepResult
 from kdscale.train.metrics import reports_loss
 from kdscale.train.objective import Objective
 from kdscale.train.optim import build_optimizer
-
-log = get_logger(__name__)
 
 
 def check_megatron_run(cfg: KDScaleConfig, world_size: int) -> None:
@@ -67,7 +64,8 @@ class MegatronEngine:
             self.progress = load_checkpoint(
                 inputs.resume_from, self.chunks, self.optimizer, self.scheduler
             )
-            log.info("resumed from %s at step %d", inputs.resume_from, self.progress.step)
+        init = str(inputs.init_from) if inputs.init_from is not None else None
+        self.origin = start_note(cfg, inputs, init, "train.init")
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.device = device()

@@ -21,10 +21,9 @@ import torch.distributed as dist
 
 from kdscale.config import KDScaleConfig
 from kdscale.data.store import TokenStore
-from kdscale.logging import get_logger
 from kdscale.progress import track
 from kdscale.train.checkpoint import Progress
-from kdscale.train.checks import RunInputs
+from kdscale.train.checks import RunInputs, start_note
 from kdscale.train.deepspeed_engine.checkpoint import load_zero_checkpoint, save_zero_checkpoint
 from kdscale.train.deepspeed_engine.export import HF_EXPORT, export_hf_dir
 from kdscale.train.deepspeed_engine.objective import SBVCausalLM, micro_batch_loss
@@ -35,8 +34,6 @@ from kdscale.train.loader import MicroBatch, Needs, batch_to_device, eval_batche
 from kdscale.train.loop import StepResult
 from kdscale.train.loss_sums import SUMS
 from kdscale.train.metrics import sum_to_all
-
-log = get_logger(__name__)
 
 
 class DeepSpeedEngine:
@@ -55,7 +52,8 @@ class DeepSpeedEngine:
         self.progress = Progress()
         if resuming:
             self.progress = load_zero_checkpoint(inputs.resume_from, self.ds, self.scheduler)
-            log.info("resumed from %s at step %d", inputs.resume_from, self.progress.step)
+        weights = None if start.kind == "random" else str(start.path)
+        self.origin = start_note(cfg, inputs, weights, "train.deepspeed.model")
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
         self.needs = Needs(tokens=True, targets=inputs.cache is not None)
 
