@@ -239,13 +239,17 @@ def test_pure_lm_and_pure_kd_weights(alpha: float) -> None:
 
 
 def test_chunking_does_not_change_results() -> None:
+    # Only rounding may differ: torch's CPU exp2 takes the last < 32 elements of a contiguous
+    # buffer through the scalar libm exp2 instead of the vector one (both within 1 ulp), and
+    # which elements those are depends on the chunk's size.
     P, logits, targets, labels, mask = _case(19, dtype=torch.float32)
     cfg = KDLossConfig(kd_weight=0.5, temperature=1.3)
     out_a, grad_a = _ours(logits, targets, labels, cfg, mask)
     out_b, grad_b = _ours(
         logits, targets, labels, cfg.model_copy(update={"chunk_elements": 1}), mask
     )
-    assert torch.equal(out_a.loss, out_b.loss) and torch.equal(grad_a, grad_b)
+    torch.testing.assert_close(out_b.loss, out_a.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-6, atol=1e-7 * grad_a.abs().max().item())
 
 
 def test_non_contiguous_logits() -> None:
