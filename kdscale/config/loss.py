@@ -1,4 +1,5 @@
-"""``loss`` section: the sparse KD + LM objective (``kdscale.losses.kd_lm_loss``).
+"""``loss`` section: the sparse KD + LM objective (``kdscale.losses.kd_lm_loss`` and
+``head_kd_lm_loss``).
 
 The per-token total is ``α·T²·D(teacher, student) + (1 − α)·CE(label)``; α follows ``schedule``.
 """
@@ -104,8 +105,10 @@ class KDLossConfig(Section):
     chunk_elements: int = Field(
         1 << 21,
         ge=1,
-        description="Token rows × local vocab processed at once: bounds the temporaries of the "
-        "vocab passes.",
+        description="Elements of the [rows, columns] logit blocks processed at once: bounds the "
+        "temporaries of the vocab passes. kd_lm_loss takes token rows × local vocab; "
+        "head_kd_lm_loss takes all tokens × chunk_elements/tokens vocab columns (at least 64), "
+        "so larger values give its matmuls more columns.",
     )
 
     def max_kd_weight(self) -> float:

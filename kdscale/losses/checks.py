@@ -1,4 +1,5 @@
-"""Input checks for ``kd_lm_loss``: free Python checks first, then one combined data check.
+"""Input checks for ``kd_lm_loss`` and ``head_kd_lm_loss``: free Python checks first, then one
+combined data check.
 
 Shapes, dtypes and the target kind are checked in Python before any work. Data problems (ids or
 labels out of range, duplicate ids, NaN/Inf, a fully masked batch) are counted on the device
@@ -26,32 +27,80 @@ def check_call(
     loss_mask_BS: torch.Tensor | None,
     cfg: KDLossConfig,
 ) -> None:
-    """Shapes, dtypes and the objective/target-kind pairing; raises KDScaleError."""
+    """``kd_lm_loss``: shapes, dtypes and the objective/target-kind pairing; raises KDScaleError."""
     if logits_SBV.dim() != 3 or not logits_SBV.is_floating_point():
         raise KDScaleError(
             f"kd_lm_loss: logits must be a float [S, B, V/TP] tensor, got {logits_SBV.dtype} "
             f"{tuple(logits_SBV.shape)}"
         )
-    seq, batch = logits_SBV.shape[:2]
-    if targets.ids.shape[:2] != (batch, seq):
+    seq, batch, _ = logits_SBV.shape
+    what = f"logits [S, B, V] = {tuple(logits_SBV.shape)}"
+    _check_batch("kd_lm_loss", what, seq, batch, targets, labels_BS, loss_mask_BS, cfg)
+
+
+def check_head_call(
+    hidden_SBH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets: SparseTargets | None,
+    labels_BS: torch.Tensor,
+    loss_mask_BS: torch.Tensor | None,
+    cfg: KDLossConfig,
+    sequence_shards: int = 1,
+) -> None:
+    """``head_kd_lm_loss``: as :func:`check_call`, for hidden states and the output weight;
+    ``sequence_shards``: the hidden states hold ``S / sequence_shards`` positions (sequence
+    parallelism)."""
+    if hidden_SBH.dim() != 3 or not hidden_SBH.is_floating_point():
         raise KDScaleError(
-            f"kd_lm_loss: targets are [B, S, K] = {tuple(targets.ids.shape)} but logits "
-            f"[S, B, V] = {tuple(logits_SBV.shape)} need B={batch}, S={seq}"
+            f"head_kd_lm_loss: hidden must be a float [S, B, H] tensor, got {hidden_SBH.dtype} "
+            f"{tuple(hidden_SBH.shape)}"
         )
-    if targets.ids.dtype != torch.int64 or labels_BS.dtype != torch.int64:
+    hidden = hidden_SBH.shape[2]
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden or weight_VH.dtype != hidden_SBH.dtype:
         raise KDScaleError(
-            f"kd_lm_loss: targets.ids ({targets.ids.dtype}) and labels ({labels_BS.dtype}) must "
-            "be int64"
+            f"head_kd_lm_loss: weight must be this rank's output weight [V/TP, H={hidden}] in the "
+            f"hidden states' dtype {hidden_SBH.dtype}, got {weight_VH.dtype} "
+            f"{tuple(weight_VH.shape)}"
+        )
+    seq, batch, _ = hidden_SBH.shape
+    what = "hidden [S, B, H]" if sequence_shards == 1 else f"hidden [S/{sequence_shards}, B, H]"
+    _check_batch(
+        "head_kd_lm_loss", f"{what} = {tuple(hidden_SBH.shape)}", seq * sequence_shards, batch,
+        targets, labels_BS, loss_mask_BS, cfg,
+    )  # fmt: skip
+
+
+def _check_batch(
+    caller: str,
+    what: str,
+    seq: int,
+    batch: int,
+    targets: SparseTargets | None,
+    labels_BS: torch.Tensor,
+    loss_mask_BS: torch.Tensor | None,
+    cfg: KDLossConfig,
+) -> None:
+    """Targets (None: LM only), labels and mask against the student's ``S``, ``B`` (``what``)."""
+    if targets is not None and targets.ids.shape[:2] != (batch, seq):
+        raise KDScaleError(
+            f"{caller}: targets are [B, S, K] = {tuple(targets.ids.shape)} but {what} "
+            f"need B={batch}, S={seq}"
+        )
+    if labels_BS.dtype != torch.int64 or (targets is not None and targets.ids.dtype != torch.int64):
+        ids_dtype = "none" if targets is None else targets.ids.dtype
+        raise KDScaleError(
+            f"{caller}: targets.ids ({ids_dtype}) and labels ({labels_BS.dtype}) must be int64"
         )
     if labels_BS.shape != (batch, seq):
         raise KDScaleError(
-            f"kd_lm_loss: labels {tuple(labels_BS.shape)} must be [B, S] = {(batch, seq)}"
+            f"{caller}: labels {tuple(labels_BS.shape)} must be [B, S] = {(batch, seq)}"
         )
     if loss_mask_BS is not None and loss_mask_BS.shape != (batch, seq):
         raise KDScaleError(
-            f"kd_lm_loss: loss_mask {tuple(loss_mask_BS.shape)} must be [B, S] = {(batch, seq)}"
+            f"{caller}: loss_mask {tuple(loss_mask_BS.shape)} must be [B, S] = {(batch, seq)}"
         )
-    check_target_kind(targets.kind, cfg)
+    if targets is not None:
+        check_target_kind(targets.kind, cfg)
 
 
 def check_target_kind(kind: str, cfg: KDLossConfig) -> None:
@@ -116,15 +165,15 @@ PROBLEMS = (
 )
 
 
-def raise_problems(counts: torch.Tensor, vocab_size: int) -> None:
+def raise_problems(counts: torch.Tensor, vocab_size: int, caller: str = "kd_lm_loss") -> None:
     """Read the counts back (the one host sync) and raise KDScaleError for the first problem."""
     values = counts.tolist()  # host sync
     *problems, tokens = values
     for count, text in zip(problems, PROBLEMS):
         if count:
-            raise KDScaleError(f"kd_lm_loss: {int(count)} {text.format(vocab=vocab_size)}")
+            raise KDScaleError(f"{caller}: {int(count)} {text.format(vocab=vocab_size)}")
     if tokens == 0:
         raise KDScaleError(
-            "kd_lm_loss: every position is masked (labels all -100 or loss_mask all 0); "
+            f"{caller}: every position is masked (labels all -100 or loss_mask all 0); "
             "nothing to train on in this batch"
         )
