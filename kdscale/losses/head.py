@@ -168,7 +168,7 @@ class _HeadSparseLogSoftmaxFn(torch.autograd.Function):
         h_NH = hidden_SBH.reshape(n_rows, hidden)
         blocks = _LogitBlocks(h_NH, weight_VH, ctx.tp_rank * weight_VH.shape[0], ctx.chunk_elements)
         low = h_NH.dtype != blocks.cdt  # bf16/fp16: G is rounded to it before the matmuls
-        grad_W = torch.empty_like(weight_VH) if need_w else None
+        grad_W = weight_VH.new_empty(weight_VH.shape) if need_w else None  # contiguous rows
         grad_h_NH = torch.zeros(n_rows, hidden, dtype=blocks.cdt, device=h_NH.device)
         two_exps = coef.at_t_N is not None and coef.at_1_N is not None
         every_row, labels_N1 = slice(0, n_rows), labels_N.unsqueeze(1)
