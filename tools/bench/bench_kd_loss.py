@@ -10,14 +10,16 @@ backward on the same fp32 logits ``[S, B, V]`` (TP = 1):
 - ``megatron_ce``: ``tensor_parallel.vocab_parallel_cross_entropy`` (LM only; it overwrites its
   input logits with the softmax and then the gradient, its own memory trick);
 - ``kdscale_kd_lm``: ``kd_lm_loss`` with top-K targets, α = 0.5 (LM and KD both live), T = 1;
-- ``kdscale_kd_lm_t2``: the same at T = 2, where the softmax is recomputed in backward (two exp
-  passes each way instead of one in all);
+- ``kdscale_kd_lm_t2``: the same at T = 2, where the softmax is recomputed in backward (two
+  exponentials per logit each way instead of one in all);
 - ``kdscale_lm``: ``kd_lm_loss`` with α = 0 (the same fused pass, LM gradient only);
 - ``dense_kd_lm``: full-vocabulary KD from a dense teacher (``log_softmax`` of its logits) plus
   LM cross-entropy, written with plain torch ops.
 
-Time: median of ``--reps`` interleaved repetitions in one process. Logits come from a graph node
-(``x.clone()``), as an output layer's would, so in-place tricks apply to both fused methods.
+Time: median of ``--reps`` interleaved repetitions in one process, in CPU seconds of the one
+thread (``time.process_time``: other load on a shared machine stretches wall time, not CPU time).
+Logits come from a graph node (``x.clone()``), as an output layer's would, so in-place tricks
+apply to both fused methods.
 
 Memory: one fresh subprocess per method, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
 serves every tensor above 64 KiB by mmap and returns it on free — resident memory then tracks
@@ -116,7 +118,7 @@ def _teacher(seq: int, batch: int, vocab: int) -> torch.Tensor:
 
 
 def run_time(args: argparse.Namespace) -> dict[str, float]:
-    """Median fwd+bwd milliseconds per method, interleaved repetitions."""
+    """Median fwd+bwd CPU milliseconds per method, interleaved repetitions."""
     _init_megatron()
     seq, batch, targets, labels = _make_inputs(args)
     base = torch.randn(seq, batch, args.vocab, generator=torch.Generator().manual_seed(2))
@@ -127,9 +129,9 @@ def run_time(args: argparse.Namespace) -> dict[str, float]:
         for method, fn in fns.items():
             x = base.clone().requires_grad_()
             z = x.clone()  # a non-leaf graph node, like an output layer's logits
-            start = time.perf_counter()
+            start = time.process_time()
             fn(z).backward()
-            elapsed = time.perf_counter() - start
+            elapsed = time.process_time() - start
             if rep:
                 times[method].append(elapsed * 1e3)
             del x, z
