@@ -55,6 +55,8 @@ class KDLossOutput:
     :func:`~kdscale.losses.divergences.teacher_tail_kl`), ``covered_mass`` (teacher mass on the
     support), ``student_covered_mass`` (student mass there, at T) — plus ``kd_weight`` (α) and
     ``tokens`` (counted positions).
+    Without teacher targets (``head_kd_lm_loss``'s LM-only mode): ``loss``, ``lm``,
+    ``kd_weight`` and ``tokens`` only.
     """
 
     loss: torch.Tensor
