@@ -60,6 +60,8 @@ def _one_rank(rank: int, world_size: int, tokens: Path, cache: Path, root: Path)
     run(config(tokens, None, root / "init", {"train.steps": 0}))
     start = {"train.init": str(root / "init")}
     run(config(tokens, cache, root / "ref", start | {"train.eval_every": 8}))
+    unfused = {"loss.fused_head": False, "train.eval_every": 8, "train.exit_interval": 8}
+    run(config(tokens, cache, root / "unfused", start | unfused))  # steps 1-8 of "ref"
     long = start | {"train.steps": 30, "train.lr.lr": 1e-2, "train.lr.min_lr": 1e-3,
                     "train.save_every": 0, "train.eval_every": 10}  # fmt: skip
     run(config(tokens, cache, root / "kd", long))
@@ -110,6 +112,15 @@ def test_reference_run_trains_and_saves(runs: Path) -> None:
     assert (latest_checkpoint(runs / "ref") / "model.yaml").is_file()
     evals = metrics(runs / "ref", "eval/kl_teacher_tail")
     assert sorted(evals) == [8, 16] and evals[16] < evals[8]
+
+
+def test_fused_head_reproduces_output_layer_then_loss(runs: Path) -> None:
+    # loss.fused_head (the default, every other run here) vs the logits path: same steps, same eval.
+    for key, rtol in (("loss/total", 1e-5), ("kd/kl_teacher_tail", 1e-5), ("eval/lm_loss", 1e-5),
+                      ("eval/kd_loss", 1e-5), ("optim/grad_norm", 5e-5)):  # fmt: skip
+        got, want = metrics(runs / "unfused", key), metrics(runs / "ref", key)
+        assert_close(got, want, sorted(got), rtol)
+    assert sorted(metrics(runs / "unfused", "loss/total")) == list(range(1, 9))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

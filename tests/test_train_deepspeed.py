@@ -84,6 +84,8 @@ def _one_rank(rank: int, world_size: int, tokens: Path, cache: Path, root: Path)
 
     start = {"train.deepspeed.model": str(root / "student")}
     run(config(tokens, cache, root / "ref", start))
+    unfused = {"loss.fused_head": False, "train.save_every": 0, "train.deepspeed.export_hf": False}
+    run(config(tokens, cache, root / "unfused", start | unfused))
     model = import_hf(root / "student", root / "student_mg")
     megatron = {f"model.{k}": v for k, v in model.model_dump(mode="json").items()} | {
         "train.engine": "megatron", "train.init": str(root / "student_mg"),
@@ -140,6 +142,14 @@ def test_zero3_two_ranks_reproduce_one_rank_and_resume(runs: Path) -> None:
     lines = [json.loads(x) for x in (runs / "dp2" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss/total" in x] == list(range(1, STEPS + 1))
     assert read_train_state(latest_checkpoint(runs / "dp2"))["world_size"] == 2
+
+
+def test_fused_lm_head_reproduces_lm_head_then_loss_under_zero3(runs: Path) -> None:
+    # The LossHead runs the loss inside lm_head's forward, where ZeRO-3 gathers its weight.
+    for key, rtol in (("loss/total", 1e-5), ("kd/kl_teacher_tail", 1e-5), ("eval/lm_loss", 1e-5),
+                      ("eval/kd_loss", 1e-5), ("optim/grad_norm", 5e-5)):  # fmt: skip
+        got, want = metrics(runs / "unfused", key), metrics(runs / "ref", key)
+        assert_close(got, want, sorted(want), rtol)
 
 
 def test_megatron_and_deepspeed_engines_compute_the_same_objective(runs: Path) -> None:

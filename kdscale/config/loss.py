@@ -102,6 +102,13 @@ class KDLossConfig(Section):
         "exp(z - max) in forward, else they receive their gradient in backward. Do not read the "
         "logits after the loss when on.",
     )
+    fused_head: bool = Field(
+        True,
+        description="Training and evaluation compute the output layer inside the loss "
+        "(head_kd_lm_loss): the [tokens, V/TP] logits never exist whole, for the same values as "
+        "the output layer followed by kd_lm_loss (or the LM cross-entropy without a cache) up "
+        "to float rounding. False: the output layer's logits, then the loss.",
+    )
     chunk_elements: int = Field(
         1 << 21,
         ge=1,

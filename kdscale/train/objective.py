@@ -1,11 +1,13 @@
 """The student's loss on one micro-batch, and the ``forward_step_func`` megatron's schedules run.
 
 On the last pipeline stage the student returns its final-norm hidden states
-(:class:`kdscale.models.gpt.HiddenStateGPTModel`); :func:`student_loss` applies the
-vocab-parallel output layer and then :func:`kdscale.losses.kd_lm_loss` against the cached
-teacher targets, or megatron's vocab-parallel cross-entropy without a cache. The logits stay in
-megatron's ``[S, B, V/TP]`` layout and the loss is their last reader, so their storage can be
-reused by it.
+(:class:`kdscale.models.gpt.HiddenStateGPTModel`) and :func:`student_loss` turns them into the
+loss: by default through :func:`kdscale.train.head_loss.head_loss` (the vocab-parallel output
+layer fused into the loss, tied embeddings included: the logits never exist whole); with
+``loss.fused_head=false`` it applies the output layer and then
+:func:`kdscale.losses.kd_lm_loss` against the cached teacher targets, or megatron's
+vocab-parallel cross-entropy without a cache (the logits stay in megatron's ``[S, B, V/TP]``
+layout and the loss, their last reader, may reuse their storage).
 
 Losses are token sums: megatron's ``calculate_per_token_loss`` divides the gradients by the
 tokens of the whole global batch (summed over micro-batches and data-parallel ranks), so the
@@ -26,6 +28,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from kdscale.config.loss import KDLossConfig
 from kdscale.losses import kd_lm_loss
 from kdscale.models.gpt import HiddenStateGPTModel
+from kdscale.train.head_loss import head_loss
 from kdscale.train.loader import MicroBatch, batch_to_device
 from kdscale.train.loss_sums import token_sums
 
@@ -40,8 +43,14 @@ def student_loss(
     validate: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Per-token loss ``[B, S]`` of ``batch`` from the last stage's hidden states, and the KD
-    metrics (None for the LM loss alone, ``kd_weight`` None)."""
+    metrics (None for the LM loss alone, ``kd_weight`` None): the fused head
+    (``loss.fused_head``), else the output layer's logits then the loss."""
     weight = gpt.output_weight()
+    if cfg.fused_head:
+        return head_loss(
+            hidden_SBH, weight, batch, cfg, kd_weight, tp_group, validate,
+            sequence_parallel=gpt.config.sequence_parallel,
+        )  # fmt: skip
     # bf16 runs: megatron's Float16Module hands the last stage's output back in fp32.
     logits_SBV, _ = gpt.output_layer(hidden_SBH.to(weight.dtype), weight=weight)
     labels_BS = batch.tokens[:, 1:]

@@ -26,7 +26,7 @@ from kdscale.train.checkpoint import Progress
 from kdscale.train.checks import RunInputs, start_note
 from kdscale.train.deepspeed_engine.checkpoint import load_zero_checkpoint, save_zero_checkpoint
 from kdscale.train.deepspeed_engine.export import HF_EXPORT, export_hf_dir
-from kdscale.train.deepspeed_engine.objective import SBVCausalLM, micro_batch_loss
+from kdscale.train.deepspeed_engine.objective import CausalLMWithLoss, micro_batch_loss
 from kdscale.train.deepspeed_engine.setup import build_engine
 from kdscale.train.deepspeed_engine.start import Start, build_student
 from kdscale.train.evaluate import EvalResult
@@ -46,7 +46,7 @@ class DeepSpeedEngine:
         resuming = inputs.resume_from is not None
         model = build_student(start, seed=cfg.train.seed, load_weights=not resuming)
         self.ds, self.optimizer, self.scheduler = build_engine(
-            SBVCausalLM(model), cfg.train, cfg.model.precision
+            CausalLMWithLoss(model, cfg.loss), cfg.train, cfg.model.precision
         )
         self.device = torch.device(get_accelerator().current_device_name())
         self.progress = Progress()
@@ -69,7 +69,7 @@ class DeepSpeedEngine:
         sums = torch.zeros(len(SUMS), device=self.device)
         for batch in batches:
             total, _, batch_sums = micro_batch_loss(
-                self.ds, batch_to_device(batch, self.device), self.cfg.loss, kd_weight, validate
+                self.ds, batch_to_device(batch, self.device), kd_weight, validate
             )
             self.ds.backward(total * scale, scale_wrt_gas=False)
             self.ds.step()  # reduces, clips and steps only at the accumulation boundary
@@ -90,7 +90,7 @@ class DeepSpeedEngine:
                 for batch in track(batches, "evaluating", total=count, unit="batch", leave=False,
                                    tokens_of=lambda b: b.tokens[:, 1:].numel()):  # fmt: skip
                     batch = batch_to_device(batch, self.device)
-                    sums += micro_batch_loss(self.ds, batch, self.cfg.loss, kd_weight, False)[2]
+                    sums += micro_batch_loss(self.ds, batch, kd_weight, False)[2]
         finally:
             self.ds.train()
         return EvalResult.from_sums(sum_to_all(sums.double()), kd_weight is not None)

@@ -26,7 +26,7 @@ def export_hf_dir(engine: Any, out: Path, tokenizer: Path | None) -> Path:
     """Write the engine's model to ``out`` (collective; replaces an older export)."""
     import deepspeed
 
-    module = engine.module.lm  # the transformers model inside SBVCausalLM
+    module = engine.module.lm  # the transformers model inside CausalLMWithLoss
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         if dist.get_rank() == 0:
             with atomic_directory(out, overwrite=True) as tmp:
