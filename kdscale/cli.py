@@ -2,8 +2,9 @@
 
 Every subcommand takes ``--config FILE`` (repeatable) and ``--set a.b=c`` (repeatable); a few
 shorthand flags set the most common keys of its section. Bad input exits with status 2 and a
-one-line message. Stage modules are imported only when their subcommand runs, so ``--help``
-stays fast.
+one-line message. Any other failure is also one line (a full disk, an unwritable path, a dead
+Ray actor; otherwise "internal error", exit status 1) naming the file that holds its traceback.
+Stage modules are imported only when their subcommand runs, so ``--help`` stays fast.
 
     kdscale data --input stdlib:python --tokenizer smollm2-135m --seq-len 512 --out runs/tokens
 """
@@ -12,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kdscale import __version__
-from kdscale.errors import KDScaleError
+from kdscale.errors import ArgumentParser, KDScaleError, describe_failure
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: global options plus one subparser per stage."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kdscale",
         description="Distributed pretraining distillation: data → teacher cache → student.",
     )
@@ -163,34 +168,25 @@ def _shorthand_base(args: argparse.Namespace, stage: Stage) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, load the config, run the stage; user errors exit 2 with one line."""
-    parser = build_parser()
+    """Parse, load the config, run the stage or command; every failure is one line on stderr
+    (user errors exit 2)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in COMMANDS:
-        return _run_command(argv[0], argv[1:])
-    args = parser.parse_args(argv)
+    name = argv[0] if argv and (argv[0] in STAGES or argv[0] in COMMANDS) else ""
+    if name in COMMANDS:
+        return _guarded(name, lambda: _run_command(name, argv[1:]))
+    return _guarded(name, lambda: _run_stage(argv))
+
+
+def _run_stage(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     stage = STAGES[args.stage]
-    try:
-        from kdscale.config import load_config
-        from kdscale.logging import setup_logging
+    from kdscale.config import load_config
+    from kdscale.logging import setup_logging
 
-        setup_logging()
-        cfg = load_config(args.config, _shorthand_base(args, stage) + args.overrides)
-        module_name, func_name = stage.target.split(":")
-        run = getattr(importlib.import_module(module_name), func_name)
-        result = run(cfg)
-    except KDScaleError as exc:
-        return _report(args.stage, exc)
-    except KeyboardInterrupt:
-        print(f"kdscale {args.stage}: interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
-
-
-def _report(name: str, exc: KDScaleError) -> int:
-    one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    print(f"kdscale {name}: error: {one_line}", file=sys.stderr)
-    return exc.exit_code
+    setup_logging()
+    cfg = load_config(args.config, _shorthand_base(args, stage) + args.overrides)
+    module_name, func_name = stage.target.split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(cfg) or 0)
 
 
 def _run_command(name: str, argv: list[str]) -> int:
@@ -198,10 +194,46 @@ def _run_command(name: str, argv: list[str]) -> int:
 
     setup_logging()
     module_name, func_name = COMMANDS[name][1].split(":")
+    return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+
+
+def _guarded(name: str, run: Callable[[], int]) -> int:
+    """The last line of defence: ``run()``'s status, or one line for whatever it raised."""
     try:
-        return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+        return run()
     except KDScaleError as exc:
-        return _report(name, exc)
+        return _report(name, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"{_prog(name)}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise  # --help, --version
+    except BaseException as exc:  # noqa: BLE001 - anything else (torch's CheckpointException is
+        # a BaseException) still ends in one line
+        message, status = describe_failure(exc)
+        return _report(name, f"{message} ({_save_traceback(name, exc)})", status)
+
+
+def _prog(name: str) -> str:
+    return f"kdscale {name}" if name else "kdscale"
+
+
+def _report(name: str, message: str, status: int) -> int:
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"{_prog(name)}: error: {one_line}", file=sys.stderr)
+    return status
+
+
+def _save_traceback(name: str, exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a private file in the temp directory; say where."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"kdscale-{name or 'cli'}-", suffix=".log")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"kdscale {' '.join(sys.argv[1:])}\n{text}")
+    except OSError as err:
+        return f"traceback not saved: {err.strerror}"
+    return f"traceback in {path}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic import Field
 from kdscale.config.base import Section
 from kdscale.config.cache import CacheConfig
 from kdscale.config.data import DataConfig
+from kdscale.config.integrity import IntegrityConfig
 from kdscale.config.loader import load_config, parse_override, write_resolved_config
 from kdscale.config.loss import KDLossConfig
 from kdscale.config.model import ModelConfig
@@ -37,11 +38,15 @@ class KDScaleConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training.")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="Structured pruning.")
     recipe: RecipeConfig = Field(default_factory=RecipeConfig, description="`kdscale run` stages.")
+    integrity: IntegrityConfig = Field(
+        default_factory=IntegrityConfig, description="Checksum verification of inputs."
+    )
 
 
 __all__ = [
     "CacheConfig",
     "DataConfig",
+    "IntegrityConfig",
     "KDLossConfig",
     "KDScaleConfig",
     "ModelConfig",

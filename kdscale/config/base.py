@@ -19,9 +19,12 @@ NUMERICS = {"checkpoint": "numerics"}
 
 
 class Section(BaseModel):
-    """A config section. Unknown keys are errors; every field carries a description."""
+    """A config section. Unknown keys are errors; every field carries a description; numbers
+    must be finite (``.inf``/``.nan`` are refused, naming the key)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
 
 def _tags(section: type[BaseModel], name: str) -> dict[str, Any]:

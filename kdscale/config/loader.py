@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kdscale.config.base import InvalidKey
 from kdscale.errors import KDScaleError
-from kdscale.io import atomic_write_text
+from kdscale.io import atomic_write_text, read_text
 
 if TYPE_CHECKING:
     from kdscale.config import KDScaleConfig
@@ -32,7 +32,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:
-        raise KDScaleError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+        raise KDScaleError(f"--set {text!r}: value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     return key.strip().split("."), value
 
 
@@ -64,8 +64,9 @@ def _read_yaml(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> dic
         raise KDScaleError(f"config file {str(p)!r} not found{where}")
     if p.resolve() in seen:
         raise KDScaleError(f"config file {str(p)!r}: base files form a cycle")
+    text = read_text(p, "config file")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise KDScaleError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):

@@ -84,8 +84,12 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise KDScaleError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start})") from None
             if not line.strip():
                 continue
             try:

@@ -13,6 +13,7 @@ import numpy as np
 
 from kdscale.errors import KDScaleError
 from kdscale.hub import resolve_tokenizer_dir
+from kdscale.io import read_json
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ def _model_eos_id(model_dir: Path) -> int | None:
     of the token ids a kdscale model directory kept from it."""
     for name in ("config.json", "token_ids.json"):
         if (model_dir / name).is_file():
-            eos = json.loads((model_dir / name).read_text()).get("eos_token_id")
+            body = read_json(model_dir / name, "model config")
+            eos = body.get("eos_token_id") if isinstance(body, dict) else None
             return eos[0] if isinstance(eos, list) and eos else eos
     return None
 

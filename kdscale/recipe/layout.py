@@ -6,12 +6,12 @@ Shared by the stage table (:mod:`kdscale.recipe.stages`) and the report
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdscale.config import KDScaleConfig
 from kdscale.config.model import checkpoint_fields
 from kdscale.errors import KDScaleError
+from kdscale.io import read_json
 
 
 def _root(cfg: KDScaleConfig) -> Path:
@@ -47,7 +47,11 @@ def pruned_model_dir(cfg: KDScaleConfig) -> Path:
     search = out / "search.json"
     if not search.is_file():
         raise KDScaleError(f"{search} is missing: the prune search has not finished")
-    return out / "candidates" / json.loads(search.read_text())["winner"] / "model"
+    body = read_json(search, "prune search result")
+    winner = body.get("winner") if isinstance(body, dict) else None
+    if not isinstance(winner, str) or Path(winner).name != winner or winner in ("", ".", ".."):
+        raise KDScaleError(f"{search} is damaged: 'winner' is not a candidate name")
+    return out / "candidates" / winner / "model"
 
 
 def student_config(cfg: KDScaleConfig) -> KDScaleConfig:
