@@ -92,3 +92,23 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Pa
     from helpers_cache import make_cache
 
     return make_cache(tiny_tokens_dir, tmp_path_factory.mktemp("cache") / "cache", tiny_teacher_dir)
+
+
+TINY_STUDENT = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=49152",
+    "model.max_position_embeddings=64", "train.global_batch=4", "train.micro_batch=2",
+    "train.save_every=0", "wandb.enabled=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Path) -> Path:
+    """A 2-step LM-only megatron run of a tiny student on ``tiny_tokens_dir`` (one rank, here).
+    Tests damage copies of it, never the run itself."""
+    from kdscale.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    args = ["train", "--tokens", str(tiny_tokens_dir), "--out", str(out), "--steps", "2"]
+    assert main(args + [a for s in TINY_STUDENT for a in ("--set", s)]) == 0
+    return out

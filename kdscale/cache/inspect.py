@@ -3,13 +3,12 @@
 Prints the codec, teacher and token set, per split the shards, samples, tokens and bytes per
 token, the fidelity recorded at write time (covered teacher mass, KL to the full teacher), the
 covered-mass distribution over decoded sample positions, and a few decoded positions. With
-``--verify`` every shard's sha256 is recomputed and every missing or corrupt shard is named
-(exit status 2 if any).
+``--verify`` every shard's sha256 is recomputed and every missing, uncommitted or corrupt shard
+is named (exit status 2 if any: an incomplete cache does not verify).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -18,23 +17,33 @@ import numpy as np
 import torch
 
 from kdscale.cache.reader import open_cache
-from kdscale.errors import KDScaleError
-from kdscale.io import sha256_file
+from kdscale.errors import ArgumentParser, KDScaleError, nonnegative_int
+from kdscale.config.loader import RESOLVED_CONFIG_NAME
+from kdscale.data.shards import shard_problems
+from kdscale.io import read_yaml
+
+
+def _intended_splits(cache_dir: Path, cache: Any) -> list[str]:
+    """The splits the cache run was asked for (its config.yaml), else every split."""
+    try:
+        return list(read_yaml(cache_dir / RESOLVED_CONFIG_NAME, "config")["cache"]["splits"])
+    except (KDScaleError, KeyError, TypeError):
+        return list(cache.tokens.splits)
 
 
 def _verify(cache_dir: Path, tokens_dir: Path, cache: Any) -> list[str]:
     problems = []
+    wanted = _intended_splits(cache_dir, cache)
     for split, record in cache.tokens.splits.items():
-        for shard in record.shards:
-            pairs = [("token", tokens_dir / shard.name, shard.sha256)]
-            cached = cache.manifest.shards.get(shard.name)
-            if cached is not None:
-                pairs.append(("cache", cache_dir / shard.name, cached.sha256))
-            for kind, path, digest in pairs:
-                if not path.is_file():
-                    problems.append(f"{kind} shard {path} is missing")
-                elif sha256_file(path) != digest:
-                    problems.append(f"{kind} shard {path} is corrupt (sha256 differs from the manifest)")
+        uncached = [s.name for s in record.shards if s.name not in cache.manifest.shards]
+        if uncached and split in wanted:
+            problems.append(
+                f"{len(uncached)} of {len(record.shards)} {split!r} shards are not cached "
+                f"(first: {uncached[0]}); run the same `kdscale cache` to finish"
+            )
+        problems += shard_problems(tokens_dir, record.shards, "token shard")
+        cached = [cache.manifest.shards[s.name] for s in record.shards if s.name not in uncached]
+        problems += shard_problems(cache_dir, cached, "cache shard")
     return problems
 
 
@@ -132,11 +141,11 @@ def _print(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``kdscale inspect-cache``."""
-    parser = argparse.ArgumentParser(prog="kdscale inspect-cache", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="kdscale inspect-cache", description=__doc__.splitlines()[0])
     parser.add_argument("cache_dir")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--verify", action="store_true", help="re-check every shard's sha256")
-    parser.add_argument("--samples", type=int, default=2, help="decoded samples to show")
+    parser.add_argument("--samples", type=nonnegative_int, default=2, help="decoded samples to show")
     args = parser.parse_args(argv)
     report = summarize(args.cache_dir, args.samples, args.verify)
     if args.json:

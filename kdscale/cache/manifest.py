@@ -6,8 +6,6 @@ committed shard, so the manifest is always a consistent record of the shards tha
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +78,11 @@ class CacheManifest(Manifest):
 
     FORMAT = "kdscale.cache/1"
     PRODUCER = "kdscale cache"
+    UNSIGNED = frozenset({"tokens_dir"})  # where the tokens were; header.tokens_fingerprint says which
     format: str = FORMAT
     header: CacheHeader
     tokens_dir: str
     shards: dict[str, CacheShardRecord] = {}
-
-    @property
-    def fingerprint(self) -> str:
-        """Content fingerprint: the header plus every committed shard's sha256."""
-        payload = {"header": self.header.model_dump(exclude={"codec"}), "shards": {k: v.sha256 for k, v in sorted(self.shards.items())}}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def load_cache_manifest(root: str | Path) -> CacheManifest:

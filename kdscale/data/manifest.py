@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -36,6 +34,7 @@ class TokensManifest(Manifest):
 
     FORMAT = "kdscale.tokens/1"
     PRODUCER = "kdscale data"
+    UNSIGNED = frozenset({"tokenizer", "stats", "inputs"})  # names and run statistics
     format: str = FORMAT
     tokenizer: str
     tokenizer_fingerprint: str
@@ -47,17 +46,6 @@ class TokensManifest(Manifest):
     splits: dict[str, SplitRecord]
     stats: dict[str, int]
     inputs: list[str]
-
-    @property
-    def fingerprint(self) -> str:
-        """Content fingerprint of the token set: tokenizer, layout and every shard's sha256."""
-        payload = {
-            "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "seq_len": self.seq_len,
-            "dtype": self.dtype,
-            "shards": {split: [s.sha256 for s in rec.shards] for split, rec in sorted(self.splits.items())},
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def shard_paths(self, root: str | Path, split: str) -> list[Path]:
         """Paths of a split's shards under ``root``."""

@@ -4,10 +4,15 @@ Each sample is one member ``<key>.tokens.npy``: a little-endian integer array of
 ids. The key is the blake2b-128 hex digest of the array's bytes, so the same tokens always get
 the same key, whatever run, shard or order produced them. Tar headers carry fixed times and
 owners, so the same inputs give byte-identical shards.
+
+Every reader checks each sample it decodes against its key (:func:`decode_sample`): a flipped
+token id is named, never trained on or evaluated. The check is one blake2b of the sample's
+bytes (measured in ``tools/bench/bench_integrity.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections.abc import Iterator
@@ -61,7 +66,8 @@ class TokenShardWriter:
         if self._writer is None:
             self._writer = wds.TarWriter(str(self._path(len(self.records))), mtime=0.0)
             self._count = 0
-        self._writer.write({"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens)})
+        with self._aborted_on_failure():
+            self._writer.write({"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens)})
         self._count += 1
         self.samples += 1
         if self._count == self.shard_samples:
@@ -69,7 +75,8 @@ class TokenShardWriter:
 
     def _close_shard(self) -> None:
         assert self._writer is not None
-        self._writer.close()
+        with self._aborted_on_failure():
+            self._writer.close()
         path = self._path(len(self.records))
         self.records.append(
             ShardRecord(name=path.name, samples=self._count, bytes=path.stat().st_size, sha256=sha256_file(path))
@@ -82,13 +89,50 @@ class TokenShardWriter:
             self._close_shard()
         return self.records
 
+    @contextlib.contextmanager
+    def _aborted_on_failure(self) -> Iterator[None]:
+        """A failed write (a full disk) drops the open shard, so that no finalizer flushes it
+        into the disk again later; the caller discards the directory."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            self._writer = None
+            raise
+
 
 def decode_tokens(blob: bytes, where: str) -> np.ndarray:
     """The token array of one ``tokens.npy`` member (no pickle); a damaged one names ``where``."""
     try:
         return np.load(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, MemoryError) as exc:  # MemoryError: a huge shape
         raise KDScaleError(f"{where}: damaged {TOKENS_MEMBER} member ({exc})") from None
+
+
+def decode_sample(
+    blob: bytes, key: str, where: str, dtype: np.dtype | None = None, length: int | None = None
+) -> np.ndarray:
+    """The tokens of one member, checked: a 1-D unsigned array (of ``dtype`` and ``length``
+    when given) whose content hash equals its ``key``; anything else names ``where``."""
+    tokens = decode_tokens(blob, where)
+    if (
+        tokens.ndim != 1
+        or tokens.dtype.kind != "u"
+        or (dtype is not None and tokens.dtype != dtype)
+        or (length is not None and len(tokens) != length)
+    ):
+        want = f"{np.dtype(dtype).str if dtype is not None else 'unsigned'}[{length or 'n'}]"
+        raise KDScaleError(
+            f"{where}: {TOKENS_MEMBER} holds {tokens.dtype.str}{list(tokens.shape)}, the token set "
+            f"has {want}; the shard is damaged"
+        )
+    if sample_key(tokens) != key:
+        raise KDScaleError(
+            f"{where}: the tokens do not match their key {key} (a content hash): the shard is "
+            "corrupt; re-run `kdscale data` or restore it"
+        )
+    return tokens
 
 
 def check_sha256(path: str | Path, sha256: str, what: str) -> None:
@@ -100,15 +144,28 @@ def check_sha256(path: str | Path, sha256: str, what: str) -> None:
         raise KDScaleError(f"{what} {str(path)!r} is corrupt: sha256 differs from the manifest")
 
 
+def shard_problems(root: str | Path, records: list, what: str) -> list[str]:
+    """One line per shard of ``records`` (manifest records: ``name``, ``sha256``) under ``root``
+    that is missing or whose bytes differ from its recorded sha256."""
+    problems = []
+    for record in records:
+        try:
+            check_sha256(Path(root) / record.name, record.sha256, what)
+        except KDScaleError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def iter_token_shard(path: str | Path, sha256: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, tokens)`` of one token shard in stored order; with ``sha256`` (from the manifest)
-    any changed byte is caught before a sample is read."""
+    """``(key, tokens)`` of one token shard in stored order, each checked against its key; with
+    ``sha256`` (from the manifest) any changed byte is caught before a sample is read."""
     if sha256 is not None:
         check_sha256(path, sha256, "token shard")
     index = index_shard(path, TOKENS_MEMBER, "token shard")
     files = ShardFiles()
     try:
         for position, key in enumerate(index.keys):
-            yield key, decode_tokens(files.read(Path(path), index, position), f"{path}: {key}")
+            blob = files.read(Path(path), index, position)
+            yield key, decode_sample(blob, key, f"{path}: sample {position}")
     finally:
         files.close()

@@ -5,7 +5,8 @@
 
 Sample ``i`` is the ``i``-th sample in manifest order (shard by shard). Each shard is indexed
 the first time it is touched (headers only, checked against the manifest's sample count); a
-sample is then one ``pread``. Memory stays bounded: one offset array per touched shard, a
+sample is then one ``pread``, and its tokens are checked against their key (content hash),
+dtype and length before they are returned. Memory stays bounded: one offset array per touched shard, a
 bounded set of open files. Thread-safe. The token ↔ cache join built on it is
 :class:`kdscale.cache.reader.CachedSplit`.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdscale.data.manifest import TokensManifest
-from kdscale.data.shards import TOKENS_MEMBER, decode_tokens
+from kdscale.data.shards import TOKENS_MEMBER, decode_sample
 from kdscale.data.tarindex import ShardFiles, ShardIndex, index_shard
 from kdscale.errors import KDScaleError
 
@@ -35,6 +36,7 @@ class TokenStore:
         self.names = [s.name for s in shards]
         self.paths = [Path(tokens_root) / name for name in self.names]
         self._counts = [s.samples for s in shards]
+        self._dtype, self._length = np.dtype(manifest.dtype), manifest.seq_len + 1
         self._starts = np.cumsum([0, *self._counts])
         self._indexes: dict[int, ShardIndex] = {}
         self._index_lock = threading.Lock()
@@ -65,11 +67,13 @@ class TokenStore:
             return found
 
     def tokens(self, i: int) -> np.ndarray:
-        """The ``seq_len + 1`` token ids of sample ``i``."""
+        """The ``seq_len + 1`` token ids of sample ``i`` (checked against their key)."""
         shard, position = self.locate(i)
-        path = self.paths[shard]
-        blob = self.files.read(path, self.index(shard), position)
-        return decode_tokens(blob, f"{path}: sample {position}")
+        path, index = self.paths[shard], self.index(shard)
+        blob = self.files.read(path, index, position)
+        return decode_sample(
+            blob, index.keys[position], f"{path}: sample {position}", self._dtype, self._length
+        )
 
     def close(self) -> None:
         """Close the files this store opened."""
