@@ -261,3 +261,29 @@ def test_megatron_side_commands_refuse_a_deepspeed_run(
     err = capsys.readouterr().err
     assert "holds a train.engine=deepspeed run; train.engine=megatron cannot resume it" in err
     assert not (runs / "nowhere").exists()
+
+
+def test_a_damaged_zero_checkpoint_is_refused_before_deepspeed_loads_it(
+    runs: Path, tmp_path: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path
+) -> None:
+    """DeepSpeed unpickles its own files: a resume verifies checksums.json first (one line)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ref"
+    shutil.copytree(runs / "ref", out)
+    target = sorted(latest_checkpoint(out).glob("*model_states.pt"))[0]
+    blob = bytearray(target.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    target.write_bytes(bytes(blob))
+    values = TRAIN | {"train.deepspeed.model": str(runs / "student"), "train.steps": STEPS + 1,
+                      "train.tokens": str(tiny_tokens_dir), "train.cache": str(tiny_cache_dir),
+                      "train.out": str(out)}  # fmt: skip
+    command = [sys.executable, "-m", "kdscale.cli", "train"]
+    for item in overrides(values):
+        command += ["--set", item]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and f"{target.name} is corrupt" in errors[0]
+    assert read_train_state(latest_checkpoint(out))["step"] == STEPS  # nothing resumed or saved

@@ -11,17 +11,27 @@ Training runs and model directories share one layout::
         config.yaml                          the resolved config of the run that wrote it
         train_state.json                     step, consumed samples, schedule, layout, inputs
         hf/                                  model directories: tokenizer files + HF token ids
+        checksums.json                       size + sha256 of every other file, written last
 
 ``kdscale import-hf`` and ``kdscale prune`` write model directories (a step-0 checkpoint, see
 :func:`save_model_dir`), so ``train.init=DIR``, ``kdscale eval`` and ``export-hf`` read them like
 any training checkpoint. What training adds (optimizer, RNG streams, the schedule) is
 :mod:`kdscale.train.checkpoint`'s.
+
+Integrity: every save records ``checksums.json`` (:mod:`kdscale.integrity`; the ranks split the
+hashing) and every load verifies it first (:func:`verify_checkpoint`, split over the ranks too),
+so a truncated, flipped, missing or added file is refused in one line naming it. The small
+metadata files are checked against it whenever they are read. ``checkpoints/latest`` must name a
+step directory of its own run. A checkpoint from an untrusted source is code, checksums or not:
+torch's dist_checkpointing metadata (``.metadata``, ``common.pt``) and DeepSpeed's files are
+pickles that run on load.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,12 +41,24 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.models.gpt import GPTModel
+from pydantic import ValidationError
 
 from kdscale.config import KDScaleConfig, ModelConfig, write_resolved_config
+from kdscale.config.loader import format_validation_error
 from kdscale.config.model import architecture_fields
 from kdscale.errors import KDScaleError
 from kdscale.hub import FIXTURES, HF_META
-from kdscale.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from kdscale.integrity import CHECKSUMS, digest_files, list_files, verify_checksums, write_checksums
+from kdscale.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    read_json,
+    read_text,
+    read_yaml,
+    removed_on_failure,
+    temp_directory,
+)
 from kdscale.logging import get_logger
 from kdscale.models.imported import imported_model_dir, is_hf_source
 
@@ -53,18 +75,32 @@ def step_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
+_STEP_NAME = re.compile(r"step_\d{9}")
+
+
 def complete_steps(root: Path) -> list[Path]:
-    """The complete step directories under a ``checkpoints/`` directory, oldest first."""
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE).is_file())
+    """The complete step directories under a ``checkpoints/`` directory, oldest first (links to
+    directories elsewhere are not steps of this run)."""
+    return sorted(
+        p for p in root.glob("step_*")
+        if _STEP_NAME.fullmatch(p.name) and not p.is_symlink() and (p / STATE).is_file()
+    )  # fmt: skip
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
     """The checkpoint ``<out>/checkpoints/latest`` names (or, if that pointer is missing or
-    dangling, the newest complete one); None when there is none."""
+    dangling, the newest complete one); None when there is none. A pointer that names anything
+    but a step directory of this run (a path, ``..``, a link) is refused."""
     root = Path(out) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.is_file():
-        target = root / pointer.read_text().strip()
+        name = read_text(pointer, "checkpoint pointer").strip()
+        target = root / name
+        if not _STEP_NAME.fullmatch(name) or target.is_symlink():
+            raise KDScaleError(
+                f"{pointer} names {name[:80]!r}, which is not a step directory of this run "
+                f"(step_NNNNNNNNN under {root}); refusing to follow it: fix or delete the file"
+            )
         if (target / STATE).is_file():
             return target
         log.warning("%s names %s, which is not a complete checkpoint", pointer, target.name)
@@ -72,19 +108,87 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _checked_metadata(ckpt: Path, name: str) -> Path:
+    """``ckpt/name``, refused if ``checksums.json`` records other bytes for it (a small file:
+    checked on every read, before its contents are trusted)."""
+    path, sums = ckpt / name, ckpt / CHECKSUMS
+    if sums.is_file() and path.is_file():
+        body = read_json(sums, "checksum file")
+        files = body.get("files") if isinstance(body, dict) else None
+        recorded = files.get(name) if isinstance(files, dict) else None
+        if recorded is not None and digest_files(ckpt, [name])[name] != recorded:
+            raise KDScaleError(
+                f"{path} is damaged: it differs from what {CHECKSUMS} recorded at save"
+            )
+    return path
+
+
 def read_train_state(ckpt: Path) -> dict[str, Any]:
     """The ``train_state.json`` of a checkpoint."""
-    return json.loads((ckpt / STATE).read_text())
+    state = read_json(_checked_metadata(ckpt, STATE), "checkpoint state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise KDScaleError(f"{ckpt / STATE} is damaged: no integer 'step'")
+    return state
+
+
+def _read_section(path: Path, section: type, what: str) -> Any:
+    try:
+        return section.model_validate(read_yaml(path, what))
+    except ValidationError as exc:
+        raise KDScaleError(f"{path} is damaged: {format_validation_error(exc)}") from None
 
 
 def read_model_config(ckpt: Path) -> ModelConfig:
     """The model config a checkpoint was built from."""
-    return ModelConfig.model_validate(yaml.safe_load((ckpt / MODEL_CONFIG).read_text()))
+    return _read_section(_checked_metadata(ckpt, MODEL_CONFIG), ModelConfig, "model config")
 
 
 def read_run_config(ckpt: Path) -> KDScaleConfig:
     """The full resolved config of the run that wrote a checkpoint."""
-    return KDScaleConfig.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    return _read_section(_checked_metadata(ckpt, "config.yaml"), KDScaleConfig, "run config")
+
+
+def _share() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _merged(part: Any) -> list[Any]:
+    """Every rank's ``part``, in rank order (just ``[part]`` without a process group)."""
+    count = _share()[1]
+    if count == 1:
+        return [part]
+    parts: list[Any] = [None] * count
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def verify_checkpoint(ckpt: Path, verify: bool = True) -> None:
+    """Refuse ``ckpt`` unless every file matches its ``checksums.json`` (collective when a
+    process group exists: the ranks split the hashing and all raise the same one line).
+    ``verify=False`` (``integrity.verify_checksums=false`` / ``--skip-checksums``) skips it."""
+    if not verify:
+        log.warning("loading %s without verifying its checksums", ckpt)
+        return
+    problems = sorted({p for part in _merged(verify_checksums(ckpt, _share())) for p in part})
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    hint = "restore it from a copy"
+    if problems[0].startswith(f"{ckpt / CHECKSUMS} is missing"):
+        hint = ("for a checkpoint saved before kdscale recorded checksums, load it once with "
+                "integrity.verify_checksums=false (or --skip-checksums) and save it again")
+    raise KDScaleError(f"checkpoint {ckpt} is damaged: {problems[0]}{more}; {hint}")
+
+
+def checkpoint_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """Digests of every file all ranks have written to ``directory`` so far, each rank hashing
+    its share (collective; call after a barrier); the result is the same on every rank."""
+    names, _ = list_files(directory)
+    index, count = _share()
+    merged: dict[str, dict[str, Any]] = {}
+    for part in _merged(digest_files(directory, names[index::count])):
+        merged |= part
+    return merged
 
 
 def resolve_checkpoint(path: str | Path, what: str) -> Path:
@@ -139,8 +243,10 @@ def model_sharded_state(chunks: list[GPTModel]) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def load_weights(ckpt: Path, chunks: list[GPTModel]) -> None:
-    """Load only the model weights of ``ckpt`` into this rank's chunks (any layout; collective)."""
+def load_weights(ckpt: Path, chunks: list[GPTModel], verify: bool = True) -> None:
+    """Load only the model weights of ``ckpt`` into this rank's chunks (any layout; collective),
+    after verifying its checksums (``verify=False``: the explicit opt-out)."""
+    verify_checkpoint(ckpt, verify)
     loaded = dist_checkpointing.load(model_sharded_state(chunks), str(ckpt))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"model{i}"])
@@ -159,38 +265,40 @@ def save_model_dir(
 
     ``origin``: recorded in ``train_state.json`` (what made the weights). ``hf_meta``: a
     directory copied to ``hf/``. ``extras``: more files (name → bytes), given on rank 0.
-    Collective: every rank calls it. The directory appears under its final name only once all
-    ranks have written their shards.
+    Collective: every rank calls it. The directory is built under a temporary name of its own
+    (two writers never share one) and appears under its final name, with ``checksums.json``,
+    only once all ranks have written their shards.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise KDScaleError(f"{out} exists; pass --overwrite to replace it")
     rank0 = dist.get_rank() == 0
-    tmp = out.with_name(f".{out.name}.tmp")
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(model_sharded_state([gpt]), str(tmp))
-    dist.barrier()
-    if rank0:
-        atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
-        write_resolved_config(cfg, tmp)
-        state = {
-            "step": 0,
-            "consumed_samples": 0,
-            "consumed_tokens": 0,
-            "optimizer_state": False,
-            "origin": origin,
-        }
-        atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")
-        if hf_meta is not None:
-            shutil.copytree(hf_meta, tmp / HF_META)
-        for name, data in (extras or {}).items():
-            atomic_write_bytes(tmp / name, data)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+    name = [str(temp_directory(out)) if rank0 else None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    with removed_on_failure(tmp):
+        dist_checkpointing.save(model_sharded_state([gpt]), str(tmp))
+        dist.barrier()
+        digests = checkpoint_digests(tmp)
+        if rank0:
+            atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
+            write_resolved_config(cfg, tmp)
+            state = {
+                "step": 0,
+                "consumed_samples": 0,
+                "consumed_tokens": 0,
+                "optimizer_state": False,
+                "origin": origin,
+            }
+            atomic_write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")
+            if hf_meta is not None:
+                shutil.copytree(hf_meta, tmp / HF_META)
+            for extra, data in (extras or {}).items():
+                atomic_write_bytes(tmp / extra, data)
+            write_checksums(tmp, digests)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
     dist.barrier()
     return out

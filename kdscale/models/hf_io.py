@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdscale.config import KDScaleConfig, ModelConfig, ParallelConfig
-from kdscale.errors import KDScaleError
+from kdscale.errors import ArgumentParser, KDScaleError
 from kdscale.hub import resolve_model_dir, resolve_tokenizer_dir
-from kdscale.io import atomic_directory, atomic_write_text
+from kdscale.integrity import write_checksums
+from kdscale.io import atomic_directory, atomic_write_text, read_json
 from kdscale.logging import get_logger
 from kdscale.models import build_gpt_model
 from kdscale.models.hf_convert import (
@@ -60,7 +61,7 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise KDScaleError(f"{hf_dir}: no config.json; expected a Hugging Face model directory")
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_json(hf_dir / "config.json", "HF config")
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise KDScaleError(
@@ -69,7 +70,10 @@ def read_hf_dir(hf_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise KDScaleError(f"{file}: not a readable safetensors file ({exc})") from None
     return config, {k: t.float() for k, t in state.items()}
 
 
@@ -102,33 +106,38 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> M
     return model
 
 
-def hf_state_of(ckpt: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_state_of(ckpt: Path, model: ModelConfig, verify: bool = True) -> dict[str, torch.Tensor]:
     """A kdscale checkpoint's full weights under transformers' Llama names (one rank, inside a
-    parallel session)."""
+    parallel session), its checksums verified first unless ``verify`` is False."""
     gpt = build_gpt_model(model, ParallelConfig(), pre_process=True, post_process=True)
-    load_weights(ckpt, [gpt])
+    load_weights(ckpt, [gpt], verify)
     return megatron_to_hf(gather_full_state(gpt), model)
 
 
 def export_hf(
-    ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None, overwrite: bool = False
+    ckpt: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Write a kdscale checkpoint (model dir, run dir or step dir) as an HF Llama directory.
 
     Tokenizer and generation files come from ``tokenizer`` (an HF directory, a fixture name or
     a kdscale model directory) if given, else from the checkpoint's ``hf/`` (model directories
-    have one; training checkpoints do not).
+    have one; training checkpoints do not). The checkpoint's checksums are verified first
+    (``verify=False``: the explicit opt-out); the export records its own ``checksums.json``.
     """
     ckpt, model = open_model_dir(ckpt, "MODEL_DIR")
     out = Path(out)
     meta = resolve_tokenizer_dir(str(tokenizer)) if tokenizer is not None else ckpt / HF_META
     token_ids = meta / "token_ids.json"
     if token_ids.is_file():
-        tokens = json.loads(token_ids.read_text())
+        tokens = read_json(token_ids, "token ids file")
     elif (meta / "config.json").is_file():
         tokens = {
             k: v
-            for k, v in json.loads((meta / "config.json").read_text()).items()
+            for k, v in read_json(meta / "config.json", "HF config").items()
             if k in _TOKEN_KEYS
         }
     else:
@@ -143,7 +152,7 @@ def export_hf(
             HF_META,
         )
     with parallel_session(ParallelConfig()):
-        hf_state = hf_state_of(ckpt, model)
+        hf_state = hf_state_of(ckpt, model, verify)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if meta.is_dir():
             for file in meta.iterdir():
@@ -155,12 +164,13 @@ def export_hf(
             tmp / "model.safetensors",
             metadata={"format": "pt"},
         )
+        write_checksums(tmp)
     log.info("exported %s → %s", ckpt, out)
     return out
 
 
 def _parser(prog: str, src: str, dst: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"kdscale {prog}", description=description)
+    parser = ArgumentParser(prog=f"kdscale {prog}", description=description)
     parser.add_argument("src", metavar=src)
     parser.add_argument("out", metavar=dst)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -195,6 +205,13 @@ def export_main(argv: list[str]) -> int:
         help="copy tokenizer files from this HF directory, fixture name or kdscale model "
         "directory (default: MODEL_DIR/hf)",
     )
+    parser.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="load MODEL_DIR without verifying its checksums.json (only for a checkpoint you "
+        "have verified yourself)",
+    )
     args = parser.parse_args(argv)
-    export_hf(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    export_hf(args.src, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+              verify=not args.skip_checksums)  # fmt: skip
     return 0

@@ -104,7 +104,7 @@ def score_source(cfg: KDScaleConfig, ckpt: Path, src: ModelConfig, samples: np.n
     started = time.perf_counter()
     batches = _batches(samples, prune.micro_batch_size)
     gpt = build_gpt_model(src, cfg.parallel, pre_process=True, post_process=True).eval()
-    load_weights(ckpt, [gpt])
+    load_weights(ckpt, [gpt], cfg.integrity.verify_checksums)
     loaded = time.perf_counter()
     importance = collect_importance(
         gpt, batches, head_dim(src), prune.seq_aggregation, prune.batch_aggregation

@@ -56,6 +56,7 @@ def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
         result = evaluate_model(
             ckpt, cfg.train.tokens, cache_dir=cfg.train.cache, cache_required=False,
             loss=cfg.loss, limit=_eval_limit(cfg), micro_batch=cfg.train.micro_batch,
+            verify=cfg.integrity.verify_checksums,
         )  # fmt: skip
         rows.append({"model": label, "path": str(path), "step": read_train_state(ckpt)["step"],
                      "parameters": count_parameters(read_model_config(ckpt)),

@@ -34,7 +34,9 @@ class HFTeacher:
             raise KDScaleError(f"cache.teacher.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
         self.model_dir = Path(model_dir)
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=DTYPES[dtype], use_safetensors=True  # never a pickle
+            )
         except (OSError, ValueError) as exc:
             raise KDScaleError(f"teacher {str(self.model_dir)!r}: cannot load ({exc})") from None
         self.model = model.to(device).eval().requires_grad_(False)

@@ -4,11 +4,14 @@ loading weights) is :mod:`kdscale.models.checkpoints`; training adds::
 
     <out>/checkpoints/step_000000100/
         <dist_checkpointing shards>          model and optimizer state
-        rng/tp0-pp0-dp0.pt                   each rank's RNG streams
+        rng/tp0-pp0-dp0.pt                   each rank's RNG streams (plain tensors: loaded with
+                                             ``torch.load(weights_only=True)``)
+        checksums.json                       every other file's size and sha256, written last
 
-Saves are atomic: every rank writes into ``.step_N.tmp``; only when all are done does rank 0
-add the small files, rename the directory to ``step_N`` and then rewrite ``latest`` (itself
-atomically). A crash at any point leaves the previous checkpoint as the latest; leftovers of an
+Saves are atomic: every rank writes into ``.step_N.tmp``; only when all are done do the ranks
+hash what they wrote (each a share) and rank 0 add the small files and ``checksums.json``,
+rename the directory to ``step_N`` and then rewrite ``latest`` (itself atomically). A resume
+verifies the checksums before it loads anything. A crash at any point leaves the previous checkpoint as the latest; leftovers of an
 interrupted save are deleted by the next one. Tensors are stored by their global names and
 shapes, so a checkpoint loads at any tensor/pipeline/data-parallel layout; RNG streams are
 restored only at the layout that saved them.
@@ -35,17 +38,21 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kdscale.config import KDScaleConfig, write_resolved_config
-from kdscale.io import atomic_open, atomic_write_text, fsync_dir
+from kdscale.errors import KDScaleError
+from kdscale.io import atomic_open, atomic_write_text, fsync_dir, removed_on_failure
 from kdscale.logging import get_logger
+from kdscale.integrity import write_checksums
 from kdscale.models.checkpoints import (
     CHECKPOINTS,
     LATEST,
     MODEL_CONFIG,
     STATE,
+    checkpoint_digests,
     complete_steps,
     model_sharded_state,
     read_train_state,
     step_name,
+    verify_checkpoint,
 )
 
 log = get_logger(__name__)
@@ -83,24 +90,41 @@ def _rng_file(root: Path) -> Path:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG stream as tensors and plain values (nothing a weights-only load refuses)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"kind": kind, "state": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["state"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))  # fmt: skip
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_plain_state(path: Path) -> dict[str, Any]:
+    """A file of tensors and plain values (``weights_only``: a pickled object is refused, never
+    run); anything else is one line naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise KDScaleError(f"{path}: not a kdscale RNG state file ({first})") from None
 
 
 def _sharded_state(
@@ -133,19 +157,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    # Adam has no state before its first step; such a checkpoint holds the weights only.
-    with_optimizer = progress.step > 0
-    dist_checkpointing.save(
-        _sharded_state(chunks, optimizer if with_optimizer else None, loading=False), str(tmp)
-    )
-    rng = _rng_file(tmp)
-    rng.parent.mkdir(exist_ok=True)
-    with atomic_open(rng) as handle:
-        torch.save(_rng_state(), handle)
-    dist.barrier()
-    if rank0:
-        state = {"optimizer_state": with_optimizer, "layout": _layout()}
-        publish_checkpoint(cfg, progress, scheduler, inputs | state, tmp, final)
+    with removed_on_failure(tmp):
+        # Adam has no state before its first step; such a checkpoint holds the weights only.
+        with_optimizer = progress.step > 0
+        dist_checkpointing.save(
+            _sharded_state(chunks, optimizer if with_optimizer else None, loading=False), str(tmp)
+        )
+        rng = _rng_file(tmp)
+        rng.parent.mkdir(exist_ok=True)
+        with atomic_open(rng) as handle:
+            torch.save(_rng_state(), handle)
+        dist.barrier()
+        digests = checkpoint_digests(tmp)
+        if rank0:
+            state = {"optimizer_state": with_optimizer, "layout": _layout()}
+            publish_checkpoint(cfg, progress, scheduler, inputs | state, tmp, final, digests)
     dist.barrier()
     return final
 
@@ -157,11 +183,13 @@ def publish_checkpoint(
     state: dict[str, Any],
     tmp: Path,
     final: Path,
+    digests: dict[str, dict[str, Any]],
 ) -> None:
-    """Rank 0, once every rank's shards are in ``tmp``: add the model section, the resolved
-    config and ``train_state.json`` (progress, schedule, world, seed, plus ``state``), rename
-    ``tmp`` to ``final``, point ``latest`` at it and drop checkpoints beyond
-    ``train.keep_checkpoints``. A crash at any point leaves the previous checkpoint latest."""
+    """Rank 0, once every rank's shards are in ``tmp`` (and hashed: ``digests``): add the model
+    section, the resolved config, ``train_state.json`` (progress, schedule, world, seed, plus
+    ``state``) and ``checksums.json``, rename ``tmp`` to ``final``, point ``latest`` at it and
+    drop checkpoints beyond ``train.keep_checkpoints``. A crash at any point leaves the previous
+    checkpoint latest."""
     atomic_write_text(tmp / MODEL_CONFIG, yaml.safe_dump(cfg.model.model_dump(mode="json")))
     write_resolved_config(cfg, tmp)
     train_state = asdict(progress) | {
@@ -172,6 +200,7 @@ def publish_checkpoint(
         **state,
     }
     atomic_write_text(tmp / STATE, json.dumps(train_state, indent=2) + "\n")
+    write_checksums(tmp, digests)
     _commit(tmp, final)
     atomic_write_text(final.parent / LATEST, final.name + "\n")
     _prune(final.parent, cfg.train.keep_checkpoints, keep=final)
@@ -210,8 +239,11 @@ def load_checkpoint(
     chunks: list[GPTModel],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
+    verify: bool = True,
 ) -> Progress:
-    """Restore weights, optimizer, schedule position and (same layout only) RNG streams."""
+    """Restore weights, optimizer, schedule position and (same layout only) RNG streams, after
+    verifying the checkpoint's checksums (collective; ``verify=False``: the explicit opt-out)."""
+    verify_checkpoint(ckpt, verify)
     state = read_train_state(ckpt)
     optimizer_state = optimizer if state["optimizer_state"] else None
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer_state, True), str(ckpt))
@@ -224,7 +256,7 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     rng = _rng_file(ckpt)
     if state["layout"] == _layout() and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_plain_state(rng))
     elif dist.get_rank() == 0:
         log.warning(
             "resuming %s at layout %s (saved at %s): RNG streams (dropout) start afresh",

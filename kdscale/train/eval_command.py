@@ -22,9 +22,11 @@ import json
 import os
 import sys
 
+from kdscale.errors import ArgumentParser, positive_int
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="kdscale eval",
         description="Evaluate a checkpoint on held-out token shards: tokens evaluated, LM loss, "
         "perplexity and, with --cache, KL to the teacher.",
@@ -33,11 +35,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, metavar="TOKENS_DIR", help="token directory")
     parser.add_argument("--cache", metavar="CACHE_DIR", help="teacher-target cache of TOKENS_DIR")
     parser.add_argument("--split", default="eval", help="split to evaluate (default: eval)")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most N samples")
-    parser.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass")
-    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--max-samples", type=positive_int, default=None,
+                        help="evaluate at most N samples")
+    parser.add_argument("--micro-batch", type=positive_int, default=4,
+                        help="samples per forward pass")
+    parser.add_argument("--tensor", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pipeline", type=positive_int, default=1, help="pipeline-parallel size")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--skip-checksums", action="store_true",
+                        help="load the checkpoint without verifying its checksums.json (only for "
+                        "a checkpoint you have verified yourself)")
     return parser.parse_args(argv)
 
 
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, args.data, cache_dir=args.cache, split=args.split,
         limit=args.max_samples, micro_batch=args.micro_batch,
         parallel=ParallelConfig(tensor=args.tensor, pipeline=args.pipeline),
+        verify=not args.skip_checksums,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:

@@ -139,11 +139,13 @@ def evaluate_model(
     limit: int | None = None,
     micro_batch: int = 4,
     parallel: ParallelConfig | None = None,
+    verify: bool = True,
 ) -> EvalResult:
     """Evaluate a checkpoint (run, checkpoints/ or step directory) on ``split`` of a token set,
     with the KL to the teacher when ``cache_dir`` holds that split (else, unless
-    ``cache_required``, without). ``loss`` defaults to the checkpoint's run's. Collective over the
-    job's ranks (a world of one without a launcher)."""
+    ``cache_required``, without). ``loss`` defaults to the checkpoint's run's. The checkpoint's
+    checksums are verified before it loads (``verify=False``: the explicit opt-out). Collective
+    over the job's ranks (a world of one without a launcher)."""
     parallel = parallel or ParallelConfig()
     ckpt = resolve_checkpoint(checkpoint, "CKPT")
     model_cfg, run_cfg = read_model_config(ckpt), read_run_config(ckpt)
@@ -166,7 +168,7 @@ def evaluate_model(
     try:
         with parallel_session(parallel, seed=run_cfg.train.seed):
             chunks = build_model_chunks(model_cfg, parallel, returns="hidden")
-            load_weights(ckpt, chunks)
+            load_weights(ckpt, chunks, verify)
             objective = Objective(loss, parallel_state.get_tensor_model_parallel_group(), device())
             return evaluate(
                 chunks, objective, samples, limit or len(samples),

@@ -35,9 +35,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_local(args: list[str], nproc: int) -> int:
-    """Run ``kdscale <args>`` on ``nproc`` local ranks; return the first failing status or 0."""
-    base = dict(os.environ)
+def launch_local(args: list[str], nproc: int, env: dict[str, str] | None = None) -> int:
+    """Run ``kdscale <args>`` on ``nproc`` local ranks (``env``: more variables for them);
+    return the first failing status or 0."""
+    base = dict(os.environ) | (env or {})
     # As torchrun does: ranks sharing a node do not each start one thread per core.
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     base.update(

@@ -13,6 +13,10 @@ Host synchronisation: the loop adds none per step. Metric sums stay on the devic
 steps; a log step reduces them over all ranks (one SUM and one MAX all-reduce: a host sync), and
 the ranks agree on a pending stop signal then and every ``train.stop_check_every`` steps (one
 small all-reduce). The syncs inside each engine's step are marked there.
+
+A loss or gradient norm that is not finite stops the run with one line (exit status 2), found
+where the sums reach the host anyway: at the log step's reduction, and before every save (one
+more small all-reduce per save), so a non-finite model is never checkpointed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from kdscale.cache.reader import open_samples
 from kdscale.config import KDScaleConfig, ParallelConfig, TrainConfig, write_resolved_config
 from kdscale.data.store import TokenStore
+from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
 from kdscale.losses import kd_weight_at
 from kdscale.models import count_parameters
@@ -164,6 +169,7 @@ class LogWindow:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.norm_steps = 0  # steps whose engine reported a gradient norm
         self.steps = 0
         self.started = time.perf_counter()
 
@@ -171,8 +177,14 @@ class LogWindow:
         """Add one step (no host sync: device tensors are added on the device)."""
         if result.sums is not None:
             self.sums += result.sums.to(torch.float64)
-        self.grad_norm += math.nan if result.grad_norm is None else result.grad_norm
+        if result.grad_norm is not None:
+            self.grad_norm += result.grad_norm
+            self.norm_steps += 1
         self.steps += 1
+
+    def mean_grad_norm(self, grad_norm: float) -> float:
+        """The window's mean gradient norm from its (host) sum; NaN when none was reported."""
+        return grad_norm / self.norm_steps if self.norm_steps else math.nan
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent outside training steps (evaluation, saving) out of the window."""
@@ -295,7 +307,7 @@ class TrainLoop:
             "loss/total": total["loss"] / tokens,
             "loss/lm": total["lm"] / tokens,
             "optim/lr": self.engine.learning_rate(),
-            "optim/grad_norm": float(window.grad_norm) / window.steps,  # synced above
+            "optim/grad_norm": window.mean_grad_norm(float(window.grad_norm)),  # synced above
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/mfu": tokens_per_s * self.flops_per_token
             / (train.peak_flops * dist.get_world_size()),
@@ -311,7 +323,30 @@ class TrainLoop:
                 "kd/weight": self.kd_weight,
             }
         self.sink.write(self.progress.step, metrics, train_line(metrics))
+        self.refuse_nonfinite(total["loss"], float(window.grad_norm) if window.norm_steps else 0.0)
         return int(stop)
+
+    def refuse_nonfinite(self, loss_sum: float, grad_norm_sum: float) -> None:
+        """Stop with one line, before anything more is saved, when the window's loss or gradient
+        norm is not finite (the values are the all-reduced ones: every rank stops alike)."""
+        for what, value in (("loss", loss_sum), ("gradient norm", grad_norm_sum)):
+            if not math.isfinite(value):
+                raise KDScaleError(
+                    f"the {what} is not finite ({value}) in the steps up to {self.progress.step}; "
+                    "stopping without saving them (the newest checkpoint in "
+                    f"{self.out / 'checkpoints'} predates them): lower train.lr.lr, set "
+                    "train.optimizer.clip_grad, or check the inputs"
+                )
+
+    def check_window(self) -> None:
+        """Before a save: refuse a non-finite loss or gradient norm in the steps not yet logged
+        (one small all-reduce, on a copy: the window is reduced again at its log step)."""
+        window = self.window
+        if not window.steps:
+            return
+        values = torch.stack([window.sums[SUMS.index("loss")], window.grad_norm]).clone()
+        loss_sum, grad_norm_sum = sum_to_all(values).tolist()  # host sync (a save is one anyway)
+        self.refuse_nonfinite(loss_sum, grad_norm_sum)
 
     def evaluate(self) -> None:
         """Evaluate ``train.eval_batches`` global batches (all of the split by default); log."""
@@ -326,7 +361,9 @@ class TrainLoop:
         self.sink.write(self.progress.step, metrics, eval_line(metrics))
 
     def save(self) -> None:
-        """A checkpoint of this step (collective)."""
+        """A checkpoint of this step (collective), never of a model trained on a non-finite loss
+        or gradient."""
+        self.check_window()
         log.info("saved %s", self.engine.save(self.progress))
 
     def close(self) -> None:

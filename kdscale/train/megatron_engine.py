@@ -54,15 +54,16 @@ class MegatronEngine:
     def __init__(self, cfg: KDScaleConfig, inputs: RunInputs) -> None:
         self.cfg, self.inputs = cfg, inputs
         self.chunks = build_model_chunks(cfg.model, cfg.parallel, returns="hidden")
+        verify = cfg.integrity.verify_checksums
         if inputs.resume_from is None and inputs.init_from is not None:
-            load_weights(inputs.init_from, self.chunks)  # before DDP copies the weights
+            load_weights(inputs.init_from, self.chunks, verify)  # before DDP copies the weights
         self.model, self.optimizer, self.scheduler = build_optimizer(
             self.chunks, cfg.train, cfg.model.precision
         )
         self.progress = Progress()
         if inputs.resume_from is not None:
             self.progress = load_checkpoint(
-                inputs.resume_from, self.chunks, self.optimizer, self.scheduler
+                inputs.resume_from, self.chunks, self.optimizer, self.scheduler, verify
             )
         init = str(inputs.init_from) if inputs.init_from is not None else None
         self.origin = start_note(cfg, inputs, init, "train.init")

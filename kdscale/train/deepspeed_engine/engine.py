@@ -44,14 +44,19 @@ class DeepSpeedEngine:
 
         self.cfg, self.inputs, self.start = cfg, inputs, start
         resuming = inputs.resume_from is not None
-        model = build_student(start, seed=cfg.train.seed, load_weights=not resuming)
+        model = build_student(
+            start, seed=cfg.train.seed, load_weights=not resuming,
+            verify=cfg.integrity.verify_checksums,
+        )  # fmt: skip
         self.ds, self.optimizer, self.scheduler = build_engine(
             CausalLMWithLoss(model, cfg.loss), cfg.train, cfg.model.precision
         )
         self.device = torch.device(get_accelerator().current_device_name())
         self.progress = Progress()
         if resuming:
-            self.progress = load_zero_checkpoint(inputs.resume_from, self.ds, self.scheduler)
+            self.progress = load_zero_checkpoint(
+                inputs.resume_from, self.ds, self.scheduler, cfg.integrity.verify_checksums
+            )
         weights = None if start.kind == "random" else str(start.path)
         self.origin = start_note(cfg, inputs, weights, "train.deepspeed.model")
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()

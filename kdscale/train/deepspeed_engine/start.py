@@ -12,7 +12,6 @@ run's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kdscale.config import ModelConfig
 from kdscale.errors import KDScaleError
 from kdscale.hub import FIXTURES, resolve_model_dir
+from kdscale.io import read_json
 from kdscale.models.checkpoints import HF_META, open_model_dir, read_train_state
 from kdscale.models.imported import is_hf_source
 from kdscale.models.hf_convert import hf_config_to_model, model_to_hf_config
@@ -50,7 +50,7 @@ def resolve_start(source: str | None, run_model: ModelConfig) -> Start:
     path = Path(source).expanduser()
     if is_hf_source(source):
         hf_dir = resolve_model_dir(source)
-        hf = hf_config_to_model(json.loads((hf_dir / "config.json").read_text()))
+        hf = hf_config_to_model(read_json(hf_dir / "config.json", "HF config"))
         tokenizer = hf_dir if _has_tokenizer(hf_dir) else None
         return Start("hf", hf_dir, _with_run_fields(hf, run_model), tokenizer)
     if not path.is_dir():
@@ -84,17 +84,23 @@ def hf_config(model: ModelConfig) -> LlamaConfig:
     return config
 
 
-def build_student(start: Start, seed: int, load_weights: bool = True) -> LlamaForCausalLM:
+def build_student(
+    start: Start, seed: int, load_weights: bool = True, verify: bool = True
+) -> LlamaForCausalLM:
     """The fp32 transformers student of ``start``; ``load_weights=False`` gives the architecture
-    only (a resumed run loads its checkpoint over it). Collective for kdscale model dirs."""
+    only (a resumed run loads its checkpoint over it). Collective for kdscale model dirs, whose
+    checksums are verified first (``verify=False``: the explicit opt-out). HF weights are read
+    from safetensors only (never a pickled ``.bin``)."""
     torch.manual_seed(seed)  # the random init (and anything not in the loaded weights)
     if start.kind == "hf" and load_weights:
-        model = LlamaForCausalLM.from_pretrained(start.path, dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(
+            start.path, dtype=torch.float32, use_safetensors=True
+        )
         model.config.attention_dropout = start.model.attention_dropout
         return model
     model = LlamaForCausalLM(hf_config(start.model))
     if start.kind == "kdscale" and load_weights:
-        _load_model_dir(model, start)
+        _load_model_dir(model, start, verify)
     elif start.kind == "random" and start.model.scaled_output_init:
         _scale_output_projections(model, start.model)
     return model
@@ -110,11 +116,11 @@ def _scale_output_projections(model: LlamaForCausalLM, config: ModelConfig) -> N
             layer.mlp.down_proj.weight.normal_(0.0, std)
 
 
-def _load_model_dir(model: LlamaForCausalLM, start: Start) -> None:
+def _load_model_dir(model: LlamaForCausalLM, start: Start, verify: bool) -> None:
     """Load a kdscale (megatron) model directory's weights, converted to HF names."""
     from kdscale.models.hf_io import hf_state_of
 
-    state = hf_state_of(start.path, start.model)
+    state = hf_state_of(start.path, start.model, verify)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if start.model.tie_embeddings else set()
     if set(missing) - tied or unexpected:
