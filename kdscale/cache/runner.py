@@ -8,12 +8,17 @@ restarted by Ray and their shard is retried (``cache.ray.max_restarts``); a shar
 visible only by an atomic rename of a complete file, so it is committed exactly once. Running
 the same command again resumes: committed shards are skipped. A cache made with another
 codec, teacher, tokenizer or token set is refused unless ``cache.restart`` is set.
+
+Before anything is written or started, :mod:`kdscale.cache.preflight` checks what would
+otherwise fail only once the teacher runs; one driver holds ``cache.out/.lock`` while it runs
+(removed when it ends). A local Ray instance listens on loopback only
+(:mod:`kdscale.cache.local_ray`). A teacher actor that fails to start, or dies more often than
+``cache.ray.max_restarts``, ends the run with one line; committed shards are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import time
@@ -24,11 +29,13 @@ from typing import Any
 
 
 from kdscale.cache.manifest import CacheHeader, CacheManifest, CacheShardRecord, load_cache_manifest
+from kdscale.cache.preflight import check_before_start
 from kdscale.cache.writer import ShardTask
 from kdscale.config import KDScaleConfig, write_resolved_config
 from kdscale.config.cache import CacheConfig
 from kdscale.data.manifest import TokensManifest, load_tokens_manifest
-from kdscale.errors import KDScaleError
+from kdscale.errors import KDScaleError, describe_failure
+from kdscale.locks import exclusive_directory
 from kdscale.logging import get_logger
 from kdscale.progress import progress_bar
 from kdscale.tracking import start_tracking
@@ -60,42 +67,36 @@ class CacheWorker:
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One driver per cache directory at a time."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KDScaleError(f"cache.out: {out} is in use by another `kdscale cache`") from None
-        yield
-
-
-@contextlib.contextmanager
 def _ray_session(cache: CacheConfig) -> Iterator[None]:
-    """Attach to ``cache.ray.address`` or start a local Ray instance for this run."""
+    """Attach to ``cache.ray.address`` or start a local Ray instance (loopback only) for this run."""
     import ray
+
+    from kdscale.cache.local_ray import check_loopback, loopback_only
 
     if ray.is_initialized():
         yield
         return
-    if cache.ray.address:
-        ray.init(address=cache.ray.address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        temp_dir = Path(cache.ray.temp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "kdscale-ray")
-        ray.init(
-            num_cpus=cache.ray.num_cpus,
-            _node_ip_address="127.0.0.1",  # a local instance talks over loopback only
-            include_dashboard=False,
-            _temp_dir=str(temp_dir.resolve()),
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with contextlib.ExitStack() as local:
+        if cache.ray.address:
+            ray.init(address=cache.ray.address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            temp_dir = Path(cache.ray.temp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "kdscale-ray")
+            local.enter_context(loopback_only())
+            ray.init(
+                num_cpus=cache.ray.num_cpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                _temp_dir=str(temp_dir.resolve()),
+                log_to_driver=True,
+                configure_logging=False,
+            )
+        try:
+            if not cache.ray.address:
+                check_loopback(ray.util.get_node_ip_address())
+            yield
+        finally:
+            ray.shutdown()
 
 
 def _tasks(tokens: TokensManifest, cache: CacheConfig, out: Path) -> list[ShardTask]:
@@ -142,10 +143,13 @@ def _refuse_to_mix(out: Path, existing: CacheManifest, header: CacheHeader) -> N
 
 
 def _existing_manifest(out: Path, tokens: TokensManifest, cache: CacheConfig) -> CacheManifest | None:
-    """The manifest of a cache to resume, checked on everything knowable before the teacher loads."""
+    """The manifest of a cache to resume, checked on everything knowable before the teacher loads
+    (one with no committed shard holds nothing to protect: it never blocks another config)."""
     if not (out / "manifest.json").is_file() or cache.restart:
         return None
     existing = load_cache_manifest(out)
+    if not existing.shards:
+        return None
     old = existing.header
     _refuse_to_mix(out, existing, _header(tokens, cache, old.teacher_fingerprint, old.vocab_size))
     return existing
@@ -186,8 +190,9 @@ def run(cfg: KDScaleConfig) -> int:
             f"that made {cache.tokens} ({tokens.tokenizer_fingerprint[:12]}); re-run `kdscale data` "
             "with the teacher's tokenizer"
         )
+    check_before_start(cfg, tokens)
     out = Path(cache.out)
-    with _exclusive(out):
+    with exclusive_directory(out, "cache.out", "kdscale cache"):
         existing = _existing_manifest(out, tokens, cache)
         if cache.restart:
             _discard(out)
@@ -196,6 +201,19 @@ def run(cfg: KDScaleConfig) -> int:
             _cache_with_ray(cfg, tokens, out, existing)
         _remove_stale_temps(out)  # left by actors that died mid-shard and were retried
     return 0
+
+
+def _actor_failure(exc: Exception, max_restarts: int) -> KDScaleError:
+    """One line for a teacher actor that could not start or died for good."""
+    text = str(exc)
+    found = [line.split("KDScaleError: ", 1)[1] for line in text.splitlines() if "KDScaleError: " in line]
+    if getattr(exc, "actor_init_failed", False):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return KDScaleError(f"a teacher actor failed to start: {found[-1] if found else lines[-1]}")
+    return KDScaleError(
+        f"a teacher actor died and is out of restarts (cache.ray.max_restarts={max_restarts}); "
+        "committed shards are kept: run the same command again to resume"
+    )
 
 
 def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, existing: CacheManifest | None) -> None:
@@ -211,7 +229,10 @@ def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, exist
     )(CacheWorker)
     threads = max(1, int(cache.ray.cpus_per_actor))
     actors = [remote.remote(cache.model_dump(mode="json"), threads) for _ in range(cache.ray.actors)]
-    described = ray.get([a.describe.remote() for a in actors])
+    try:
+        described = ray.get([a.describe.remote() for a in actors])
+    except ray.exceptions.RayActorError as exc:
+        raise _actor_failure(exc, cache.ray.max_restarts) from None
     teacher = described[0]
     if any(d != teacher for d in described[1:]):  # e.g. nodes that see different model files
         raise KDScaleError(f"teacher_fingerprint: the {len(actors)} actors loaded different teachers: {described}")
@@ -230,6 +251,8 @@ def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, exist
     tracker = start_tracking(cfg.wandb, "cache", out, cfg.model_dump(mode="json") | {"cache_header": header.model_dump()})
     try:
         _dispatch(actors, todo, manifest, out, tracker)
+    except ray.exceptions.RayActorError as exc:
+        raise _actor_failure(exc, cache.ray.max_restarts) from None
     finally:
         tracker.finish()
 
@@ -252,9 +275,11 @@ def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest,
             try:
                 record: CacheShardRecord = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
-                cause = exc.as_instanceof_cause()
+                cause = getattr(exc, "cause", None)
                 if isinstance(cause, KDScaleError):
                     raise KDScaleError(str(cause).splitlines()[-1]) from None
+                if isinstance(cause, OSError):  # e.g. a full disk, raised in the actor
+                    raise KDScaleError(f"{task.out_path}: {describe_failure(cause)[0]}") from None
                 raise
             manifest.shards[record.name] = record
             manifest.write(out)  # the commit point a resumed run trusts

@@ -9,6 +9,8 @@ fsync → rename); a killed writer leaves a hidden ``.*.tmp`` file that the runn
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,17 @@ def _batch_targets(
     return [concat_positions(p) for p in parts]
 
 
+@contextlib.contextmanager
+def _closed_quietly(tar: wds.TarWriter) -> Iterator[wds.TarWriter]:
+    """``tar``, closed when the block ends even if it failed (on a full disk its buffer is
+    dropped here rather than flushed, and complained about, by a finalizer later)."""
+    try:
+        yield tar
+    finally:
+        with contextlib.suppress(OSError):
+            tar.close()
+
+
 def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> CacheShardRecord:
     """Score every sample of ``task``'s token shard and commit its cache shard atomically."""
     samples = list(iter_token_shard(task.token_path, sha256=task.token_sha256))
@@ -109,8 +122,8 @@ def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> Ca
     vocab = teacher.vocab_size
     stats = _FidelityStats()
     out = Path(task.out_path)
-    with atomic_open(out) as handle, ThreadPoolExecutor(max_workers=1) as encoder:
-        tar = wds.TarWriter(handle, mtime=0.0)
+    with atomic_open(out) as handle, _closed_quietly(wds.TarWriter(handle, mtime=0.0)) as tar, \
+            ThreadPoolExecutor(max_workers=1) as encoder:
         pending: Future[None] | None = None
 
         def emit(index: int, key: str, targets: SparseTargets) -> None:
