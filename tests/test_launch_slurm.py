@@ -66,8 +66,9 @@ def test_dry_run_prints_a_preemption_safe_script_and_submits_nothing(tmp_path, c
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@600", "#SBATCH --partition=gpu",
                  "#SBATCH --time=02:00:00", "#SBATCH --account=proj", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --nodes=1", "trap 'on_signal USR1' USR1", "trap 'on_signal TERM' TERM",
-                 "export HF_HOME=/shared/hf"):
+                 "# kdscale submit --env (in sbatch's environment, not written here): HF_HOME"):
         assert line in lines, line
+    assert "/shared/hf" not in out  # --env values never enter the script
     assert '    scontrol requeue "$SLURM_JOB_ID"' in lines
     assert lines[-2].endswith(f"-m kdscale.cli data --config {recipe}")
     assert lines[-2].startswith("run_step ")
@@ -116,6 +117,35 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     status, out, err = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--dry-run", *flags)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("kdscale submit: error: ") and message in err
+
+
+INJECTIONS = {
+    "newline in --job-name": (["--job-name", "kd\ntouch {marker}"], "--job-name"),
+    "newline in --partition": (["--partition", "gpu\ntouch {marker}"], "--partition"),
+    "newline in --sbatch": (["--sbatch=--exclusive\ntouch {marker}"], "--sbatch"),
+    "newline in --log-dir": (["--log-dir", "{tmp}/logs\ntouch {marker}"], "--log-dir"),
+    "newline in the recipe name": (["--recipe-name", "r\ntouch pwned.yaml"], "--job-name"),
+    "carriage return in --account": (["--account", "proj\r"], "--account"),
+    "space in --job-name": (["--job-name", "two words"], "--job-name"),
+    "not an option in --sbatch": (["--sbatch", "exclusive"], "expected an sbatch option"),
+    "command substitution in --python": (["--python", "/usr/bin/python$(touch {marker})",
+                                          "--stage", "cache", "--nodes", "2"], "--python"),
+    "backquotes in --python": (["--python", "`touch {marker}`"], "--python"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(INJECTIONS))
+def test_rendered_values_cannot_become_commands(tmp_path, capsys, case):
+    marker = tmp_path / "pwned"
+    flags, flag = INJECTIONS[case]
+    flags = [f.format(marker=marker, tmp=tmp_path) for f in flags]
+    recipe = _recipe(tmp_path)
+    if flags[0] == "--recipe-name":  # the job name defaults to the recipe file's stem
+        recipe, flags = recipe.rename(tmp_path / flags[1]), []
+    status, out, err = _submit(capsys, str(recipe), "--launcher", "slurm", "--dry-run", *flags)
+    assert status == 2 and out == "", out
+    assert err.count("\n") == 1 and err.startswith("kdscale submit: error: ") and flag in err
+    assert not marker.exists()
 
 
 def test_time_limit_formats():
@@ -228,3 +258,20 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_clust
     ]
     log = (tmp_path / "logs" / f"kdscale-data-recipe-{job_id}.out").read_text()
     assert "kdscale: SIGUSR1" in log and f"requeueing job {job_id}" in log and "(restart 1)" in log
+
+
+def test_env_secrets_reach_the_job_but_never_the_script_file(slurm_cluster, tmp_path, capsys):
+    """`--env KEY=secret`: the job sees it; the 0600 script file holds only the name."""
+    seen, secret = tmp_path / "seen", "s3cr3t-" + os.urandom(6).hex()
+    step = tmp_path / "step.sh"
+    step.write_text(f'#!/bin/bash\necho "$KDSCALE_TEST_TOKEN" > {seen}\n')
+    step.chmod(0o755)
+    logs = tmp_path / "logs"
+    status, out, _ = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage",
+                             "data", "--python", str(step), "--log-dir", str(logs),
+                             "--env", f"KDSCALE_TEST_TOKEN={secret}", "--wait", "--timeout", "120")
+    assert status == 0, out
+    assert seen.read_text().strip() == secret
+    (script,) = logs.glob("*.sbatch")
+    assert (script.stat().st_mode & 0o777) == 0o600
+    assert secret not in script.read_text() and "KDSCALE_TEST_TOKEN" in script.read_text()

@@ -8,10 +8,18 @@
 Every script is preemption-safe: ``--requeue`` and ``--signal=B:USR1@N``; the batch shell traps
 USR1, sends SIGTERM to the job step (which checkpoints and exits) and requeues the job, whose
 rerun resumes. State comes from ``scontrol show job`` (no accounting database needed).
+
+Nothing rendered can become a command: every value is refused if it holds a control character
+(a newline would start a new script line); ``#SBATCH`` values may not hold whitespace, quotes or
+backslashes; the python path must be a plain path (it also names ``ray`` beside it); arguments
+are shell-quoted. Job variables (``SlurmSpec.env``) are never written into the script: they go
+to ``sbatch``'s own environment (``--export=ALL``), so a secret stays out of files. Scripts are
+written 0600.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -21,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from kdscale.errors import KDScaleError
+from kdscale.io import atomic_write_text
 
 TEMPLATES = ("single", "torchrun", "ray")
 FINAL_STATES = frozenset(
@@ -30,6 +39,10 @@ FINAL_STATES = frozenset(
 # minutes | MM:SS | HH:MM:SS | D-HH | D-HH:MM | D-HH:MM:SS (sbatch --time)
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_VALUE = re.compile(r"[^\s\"'\\]+")  # one #SBATCH token: no whitespace, quotes, backslash
+_PLAIN_PATH = re.compile(r"[\w@%+=:,./-]+", re.ASCII)  # needs no quoting in any shell context
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -102,8 +115,57 @@ def validate_spec(spec: SlurmSpec) -> None:
             "the job would be signalled before it starts working"
         )
     for key in spec.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        if not _ENV_NAME.fullmatch(key):
             raise KDScaleError(f"--env {key!r}: not a valid environment variable name")
+    sbatch_values = {
+        "--job-name": spec.job_name, "--partition": spec.partition, "--time": spec.time,
+        "--account": spec.account, "--log-dir": spec.output, "the working directory": spec.workdir,
+    }  # fmt: skip
+    for flag, value in sbatch_values.items():
+        if value is not None:
+            _check_sbatch_value(flag, value)
+    for option in spec.extra:
+        _check_sbatch_value("--sbatch", option)
+        if not option.startswith("-"):
+            raise KDScaleError(f"--sbatch {option!r}: expected an sbatch option, e.g. --exclusive")
+
+
+def _refuse_control(flag: str, value: str) -> None:
+    found = _CONTROL.search(value)
+    if found:
+        raise KDScaleError(
+            f"{flag} {value!r}: holds a control character ({found.group()!r}); refusing to put it "
+            "into a job script"
+        )
+
+
+def _check_sbatch_value(flag: str, value: str) -> None:
+    _refuse_control(flag, value)
+    if not _SBATCH_VALUE.fullmatch(value):
+        raise KDScaleError(
+            f"{flag} {value!r}: an #SBATCH value must be non-empty, without whitespace, quotes "
+            "or backslashes (run from, and log to, such paths)"
+        )
+
+
+def validate_command(command: JobCommand) -> None:
+    """Refuse a job command that cannot be rendered safely: a python that is not a plain path,
+    an argument with a control character."""
+    if not _PLAIN_PATH.fullmatch(command.python):
+        raise KDScaleError(
+            f"--python {command.python!r}: must be a plain path (letters, digits, _@%+=:,./-): "
+            "the job script also runs `ray` from its directory"
+        )
+    for arg in command.args:
+        _refuse_control("job argument", arg)
+
+
+def env_comment(env: dict[str, str]) -> str:
+    """What the script says about the job's ``--env`` variables: their names, never values."""
+    if not env:
+        return ""
+    return ("# kdscale submit --env (in sbatch's environment, not written here): "
+            + " ".join(sorted(env)))
 
 
 def sbatch_lines(spec: SlurmSpec) -> list[str]:
@@ -150,10 +212,11 @@ def _fill(text: str, values: dict[str, str]) -> str:
 def render_script(template: str, spec: SlurmSpec, command: JobCommand) -> str:
     """The batch script for ``command`` on ``spec``'s allocation, from a packaged template."""
     validate_spec(spec)
+    validate_command(command)
     body = _template(template)
     values = {
         "sbatch": "\n".join(sbatch_lines(spec)),
-        "env": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items())),
+        "env": env_comment(spec.env),
         "preemption": _fill(_template("preemption"), {"signal_seconds": str(spec.signal_seconds)}).rstrip(),
         "command": command.shell(),
         "module_command": shlex.join(command.args),
@@ -165,18 +228,18 @@ def render_script(template: str, spec: SlurmSpec, command: JobCommand) -> str:
     return _fill(body, values)
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     except FileNotFoundError:
         raise KDScaleError(f"{cmd[0]}: not found on PATH (is this a SLURM login node?)") from None
 
 
-def submit_script(script: str, path: Path) -> str:
-    """Write ``script`` to ``path``, submit it with ``sbatch`` and return the job id."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    proc = _run(["sbatch", "--parsable", str(path)])
+def submit_script(script: str, path: Path, env: dict[str, str] | None = None) -> str:
+    """Write ``script`` to ``path`` (0600), submit it with ``sbatch`` and return the job id.
+    ``env``: job variables, handed to ``sbatch``'s environment (``--export=ALL``), not the file."""
+    atomic_write_text(path, script, mode=0o600)
+    proc = _run(["sbatch", "--parsable", "--export=ALL", str(path)], dict(os.environ) | (env or {}))
     if proc.returncode != 0:
         detail = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
         raise KDScaleError(f"sbatch {path} failed: {detail}")

@@ -8,7 +8,9 @@
 
 The recipe is validated (with any ``--set``) before anything is rendered or submitted. SLURM jobs
 are preemption-safe (``--requeue``, USR1 ``--signal-seconds`` before the time limit → SIGTERM to
-the step, which checkpoints, then ``scontrol requeue``); a requeued job resumes.
+the step, which checkpoints, then ``scontrol requeue``); a requeued job resumes. ``--env``
+values never enter the job script (written 0600): SLURM gets them through ``sbatch``'s
+environment, Ray through the job's ``env_vars``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="config override passed to the job (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
+                   help="environment variable for the job (repeatable). slurm: passed in "
+                   "sbatch's environment (--export=ALL), never written into the job script, so "
+                   "a secret such as WANDB_API_KEY=... stays out of files (SLURM keeps it with "
+                   "the job); ray: sent as the job's env_vars through the Jobs API")
     p.add_argument("--python", help="python on the compute nodes (slurm: this one; ray: 'python')")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job; print its status (and Ray logs)")
@@ -117,18 +122,19 @@ def submit_slurm(args: argparse.Namespace, recipe: Path) -> int:
     template = args.template or ("single" if args.nodes == 1 else "ray" if args.stage == "cache" else "torchrun")
     log_dir = Path(args.log_dir).resolve()
     name = args.job_name or f"kdscale-{args.stage}-{recipe.stem}"
+    env = _env(args.env)
     spec = slurm.SlurmSpec(
         job_name=name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
         account=args.account, signal_seconds=args.signal_seconds, workdir=str(Path.cwd()),
-        output=str(log_dir / "%x-%j.out"), env=_env(args.env), extra=tuple(args.sbatch),
+        output=str(log_dir / "%x-%j.out"), env=env, extra=tuple(args.sbatch),
     )
     command = slurm.job_command(str(recipe), args.stage, tuple(args.overrides), args.python or sys.executable)
     script = slurm.render_script(template, spec, command)
     if args.dry_run:
         print(script, end="")
         return 0
-    job_id = slurm.submit_script(script, log_dir / f"{name}.sbatch")
+    job_id = slurm.submit_script(script, log_dir / f"{name}.sbatch", env)
     print(job_id, flush=True)
     if not args.wait:
         return 0
