@@ -253,6 +253,31 @@ def test_an_existing_pruned_model_the_student_skips_is_warned(recipe_run, tmp_pa
     ) in err
 
 
+def test_verify_refuses_a_stage_whose_output_was_damaged_since(recipe_run, capsys):
+    """`--verify`: a rerun skips a stage only if its output still verifies."""
+    recipe, root, _ = recipe_run
+    status, out, _ = _run(capsys, str(recipe), "--verify", "--dry-run")
+    assert status == 0 and _plan(out) == dict.fromkeys(ALL_STAGES, "skip")
+    assert out.count("complete, config unchanged, verified") == len(ALL_STAGES)
+    shard = sorted((root / "cache").glob("train-*.tar"))[0]
+    weights = sorted((root / "student" / "checkpoints" / "step_000000003").glob("*.distcp"))[0]
+    originals = {path: path.read_bytes() for path in (shard, weights)}
+    try:
+        for path, blob in originals.items():
+            path.write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+        status, out, _ = _run(capsys, str(recipe), "--dry-run")
+        assert status == 0 and _plan(out) == dict.fromkeys(ALL_STAGES, "skip")  # trusted blindly
+        status, out, err = _run(capsys, str(recipe), "--verify", "--dry-run")
+        assert status == 2
+        assert {s: a for s, a in _plan(out).items() if a != "skip"} == {
+            "cache": "refuse", "train": "refuse"}
+        assert err.count("\n") == 1 and shard.name in err and "damaged since it completed" in err
+        assert "--force" in err
+    finally:
+        for path, blob in originals.items():
+            path.write_bytes(blob)
+
+
 def test_changed_config_refuses_then_force_reruns_that_stage_and_later(recipe_run, capsys):
     """Keep this test last: it changes the module's recipe run."""
     recipe, root, _ = recipe_run

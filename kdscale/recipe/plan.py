@@ -2,12 +2,15 @@
 each output, and decide per stage whether to skip, run, resume or (with ``--force``) redo it.
 
     cfg = wire(load_config(["recipe.yaml"]))
-    plan = plan_run(cfg, force=False)
+    plan = plan_run(cfg, force=False, verify=False)
     check_refusals(plan)                  # before anything runs
     print(format_plan(plan))
 
 A stage's digest hashes its decisive config plus the digests of the stages it reads, so a change
-re-runs that stage and every stage after it that depends on it.
+re-runs that stage and every stage after it that depends on it. With ``verify`` a complete
+stage is skipped only if its output still verifies (shard sha256s against the manifests,
+checkpoints and exports against their ``checksums.json``); a damaged one is refused, naming
+the damage, and redone with ``force``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from kdscale.config import KDScaleConfig
 from kdscale.config.base import runtime_keys
 from kdscale.config.model import checkpoint_fields
 from kdscale.errors import KDScaleError
+from kdscale.io import read_json
 from kdscale.recipe.stages import STAGES, StageSpec
 
 STATE_DIR = ".kdscale-run"
@@ -164,7 +168,10 @@ def state_path(cfg: KDScaleConfig, stage: str) -> Path:
 def read_state(cfg: KDScaleConfig, stage: str) -> dict[str, Any] | None:
     """The stage's record, or None when it never started in this recipe directory."""
     path = state_path(cfg, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    state = read_json(path, "stage record") if path.is_file() else None
+    if state is not None and not (isinstance(state, dict) and {"digest", "status", "decisive"} <= set(state)):
+        raise KDScaleError(f"stage record {path} is damaged; delete it to plan {stage} afresh")
+    return state
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -180,7 +187,7 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 def _decide(
     spec: StageSpec, cfg: KDScaleConfig, digest: str, decisive: dict[str, Any], rerun: bool,
-    force: bool,
+    force: bool, verify: bool,
 ) -> tuple[str, str]:
     out = Path(spec.output(cfg))
     state = read_state(cfg, spec.name)
@@ -188,7 +195,11 @@ def _decide(
     if not out.exists():
         return "run", "no output yet"
     if same and state["status"] == "complete" and spec.complete(cfg):
-        return "skip", "complete, config unchanged"
+        problems = spec.verify(cfg) if verify else []
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            return ("redo" if force else "refuse"), f"damaged since it completed: {problems[0]}{more}"
+        return "skip", "complete, config unchanged" + (", verified" if verify else "")
     if same:
         return "resume", "started with this config; continues"
     if state is None:
@@ -201,8 +212,9 @@ def _decide(
     return ("redo" if force else "refuse"), why
 
 
-def plan_run(cfg: KDScaleConfig, force: bool = False) -> list[StagePlan]:
-    """Decide every stage's action: skip, run, resume, redo (``force``) or refuse."""
+def plan_run(cfg: KDScaleConfig, force: bool = False, verify: bool = False) -> list[StagePlan]:
+    """Decide every stage's action: skip, run, resume, redo (``force``) or refuse; ``verify``
+    checks the output of every stage it would skip."""
     plans: list[StagePlan] = []
     digests: dict[str, str] = {}
     redone: set[str] = set()
@@ -212,7 +224,7 @@ def plan_run(cfg: KDScaleConfig, force: bool = False) -> list[StagePlan]:
         decisive = decisive_config(spec, cfg)
         digest = _digest(decisive, [digests[d] for d in upstream])
         rerun = any(d in redone for d in upstream)
-        action, reason = _decide(spec, cfg, digest, decisive, rerun, force)
+        action, reason = _decide(spec, cfg, digest, decisive, rerun, force, verify)
         if action in ("run", "redo"):
             redone.add(name)
         digests[name] = digest
@@ -223,6 +235,13 @@ def plan_run(cfg: KDScaleConfig, force: bool = False) -> list[StagePlan]:
 def check_refusals(plans: list[StagePlan]) -> None:
     """Raise, naming every stage that would replace an output made with another config."""
     refused = [p for p in plans if p.action == "refuse"]
+    damaged = [p for p in refused if p.reason.startswith("damaged")]
+    if damaged:
+        first = damaged[0]
+        raise KDScaleError(
+            f"{first.spec.name} ({first.out}) is {first.reason}: pass --force to make it again "
+            "(and what reads it), or restore it"
+        )
     if refused:
         names = ", ".join(f"{p.spec.name} ({p.out})" for p in refused)
         raise KDScaleError(

@@ -3,12 +3,14 @@
     kdscale run configs/quickstart.yaml                 # data → teacher → prune → cache → ...
     kdscale run configs/quickstart.yaml --dry-run       # what would run, and where
     kdscale run recipe.yaml --set train.steps=2000 --force   # re-run train and what follows
+    kdscale run recipe.yaml --verify                    # skip only outputs that still verify
 
 Every stage writes its own directory under ``recipe.out`` and a record of its run in
 ``recipe.out/.kdscale-run/`` (``<stage>.yaml``: the config it ran with; ``<stage>.json``: its
 digest and status). Running the same command again skips complete stages whose config and
 inputs are unchanged, resumes a stage that stopped (a preempted cache or training run), and
-refuses to replace an output made with another config unless ``--force`` is given.
+refuses to replace an output made with another config unless ``--force`` is given. One
+``kdscale run`` writes a recipe directory at a time (``recipe.out/.kdscale-run/.lock``).
 
 Each stage is one W&B run (job type = stage) in one group per recipe directory; stage outputs
 are logged as artifacts and every stage records the artifacts it read.
@@ -27,7 +29,8 @@ import yaml
 
 from kdscale.config import KDScaleConfig, load_config
 from kdscale.errors import ArgumentParser
-from kdscale.io import atomic_write_text
+from kdscale.io import atomic_write_text, read_json
+from kdscale.locks import exclusive_directory
 from kdscale.logging import get_logger
 from kdscale.recipe.layout import unused_pruned_model
 from kdscale.recipe.lineage import stage_artifact
@@ -51,7 +54,7 @@ def _group(cfg: KDScaleConfig) -> str:
         return cfg.wandb.group
     path = Path(cfg.recipe.out) / STATE_DIR / "group.json"
     if path.is_file():
-        return json.loads(path.read_text())["group"]
+        return str(read_json(path, "W&B group file")["group"])
     group = f"{cfg.recipe.name or 'recipe'}-{uuid.uuid4().hex[:8]}"
     atomic_write_text(path, json.dumps({"group": group}) + "\n")
     return group
@@ -95,13 +98,22 @@ def run_stage(cfg: KDScaleConfig, plan: StagePlan) -> bool:
     return complete
 
 
-def run_recipe(cfg: KDScaleConfig, force: bool = False, dry_run: bool = False) -> int:
+def run_recipe(
+    cfg: KDScaleConfig, force: bool = False, dry_run: bool = False, verify: bool = False
+) -> int:
     """Plan the recipe, print the plan, and (unless ``dry_run``) run it; exit status."""
     cfg = wire(cfg)
     unused = unused_pruned_model(cfg)
     if unused:
         log.warning("%s", unused)
-    plans = plan_run(cfg, force=force)
+    if dry_run:
+        return _plan_and_run(cfg, force, verify, dry_run)
+    with exclusive_directory(Path(cfg.recipe.out) / STATE_DIR, "recipe.out", "kdscale run"):
+        return _plan_and_run(cfg, force, verify, dry_run)
+
+
+def _plan_and_run(cfg: KDScaleConfig, force: bool, verify: bool, dry_run: bool) -> int:
+    plans = plan_run(cfg, force=force, verify=verify)
     print(format_plan(plans), flush=True)
     check_refusals(plans)
     if dry_run:
@@ -122,7 +134,7 @@ def run_recipe(cfg: KDScaleConfig, force: bool = False, dry_run: bool = False) -
 
 
 def main(argv: list[str]) -> int:
-    """``kdscale run RECIPE [--set K=V] [--force] [--dry-run]``."""
+    """``kdscale run RECIPE [--set K=V] [--force] [--dry-run] [--verify]``."""
     parser = ArgumentParser(prog="kdscale run", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="+", help="recipe YAML file(s); later files win")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
@@ -131,6 +143,9 @@ def main(argv: list[str]) -> int:
                         help="replace outputs made with another config")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what would run and where; run nothing")
+    parser.add_argument("--verify", action="store_true",
+                        help="skip a finished stage only if its output still verifies (shard "
+                        "sha256s, checkpoint checksums); refuse a damaged one (--force: redo it)")
     args = parser.parse_args(argv)
     cfg = load_config(args.recipe, args.overrides)
-    return run_recipe(cfg, force=args.force, dry_run=args.dry_run)
+    return run_recipe(cfg, force=args.force, dry_run=args.dry_run, verify=args.verify)

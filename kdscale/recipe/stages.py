@@ -43,6 +43,7 @@ class StageSpec:
     run: Callable[[KDScaleConfig], None]
     complete: Callable[[KDScaleConfig], bool]
     configure: Callable[[KDScaleConfig], KDScaleConfig] = lambda cfg: cfg  # the config it runs
+    verify: Callable[[KDScaleConfig], list[str]] = lambda cfg: []  # problems of a complete output
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -86,7 +87,8 @@ def _run_export(cfg: KDScaleConfig) -> None:
     from kdscale.hub import resolve_model_dir
 
     tokenizer = resolve_model_dir(cfg.recipe.teacher) if cfg.recipe.teacher else None
-    export_hf(cfg.train.out, export_dir(cfg), tokenizer=tokenizer, overwrite=True)
+    export_hf(cfg.train.out, export_dir(cfg), tokenizer=tokenizer, overwrite=True,
+              verify=cfg.integrity.verify_checksums)  # fmt: skip
 
 
 def _run_report(cfg: KDScaleConfig) -> None:
@@ -135,11 +137,63 @@ def _cache_complete(cfg: KDScaleConfig) -> bool:
 def _run_complete(out: str | Path, steps: int) -> bool:
     from kdscale.models.checkpoints import latest_checkpoint, read_train_state
 
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return False
+    try:
+        ckpt = latest_checkpoint(out)
+        return ckpt is not None and read_train_state(ckpt)["step"] >= steps
+    except KDScaleError:
+        return False  # a damaged pointer or state: not complete (the stage resumes or refuses)
 
-    return read_train_state(ckpt)["step"] >= steps
+
+# --- verification (`kdscale run --verify`): is a complete output still what was written? ------------
+
+
+def _verify_tokens(cfg: KDScaleConfig) -> list[str]:
+    from kdscale.data.manifest import load_tokens_manifest
+    from kdscale.data.shards import shard_problems
+
+    try:
+        manifest = load_tokens_manifest(cfg.data.out)
+    except KDScaleError as exc:
+        return [str(exc)]
+    shards = [s for split in manifest.splits.values() for s in split.shards]
+    return shard_problems(cfg.data.out, shards, "token shard")
+
+
+def _verify_cache(cfg: KDScaleConfig) -> list[str]:
+    from kdscale.cache.manifest import load_cache_manifest
+    from kdscale.data.shards import shard_problems
+
+    try:
+        manifest = load_cache_manifest(cfg.cache.out)
+    except KDScaleError as exc:
+        return [str(exc)]
+    return shard_problems(cfg.cache.out, list(manifest.shards.values()), "cache shard")
+
+
+def _verify_directory(path: Callable[[KDScaleConfig], Path]) -> Callable[[KDScaleConfig], list[str]]:
+    """Problems of a directory against its checksums.json (a model directory, an HF export)."""
+
+    def verify(cfg: KDScaleConfig) -> list[str]:
+        from kdscale.integrity import verify_checksums
+
+        try:
+            return verify_checksums(path(cfg))
+        except KDScaleError as exc:
+            return [str(exc)]
+
+    return verify
+
+
+def _latest(out: Callable[[KDScaleConfig], str | Path]) -> Callable[[KDScaleConfig], Path]:
+    def latest(cfg: KDScaleConfig) -> Path:
+        from kdscale.models.checkpoints import latest_checkpoint
+
+        found = latest_checkpoint(out(cfg))
+        if found is None:
+            raise KDScaleError(f"{out(cfg)}: no checkpoint")
+        return found
+
+    return latest
 
 
 STAGES: dict[str, StageSpec] = {
@@ -147,35 +201,40 @@ STAGES: dict[str, StageSpec] = {
     for spec in (
         StageSpec(
             "data", "tokens", (), ("data",), (),
-            lambda cfg: cfg.data.out, _run_data, _tokens_complete,
+            lambda cfg: cfg.data.out, _run_data, _tokens_complete, verify=_verify_tokens,
         ),
         StageSpec(
             "teacher", "teacher", (), ("recipe.teacher",), (),
             lambda cfg: str(teacher_dir(cfg)), _run_teacher,
             lambda cfg: _model_dir_complete(teacher_dir(cfg)),
+            verify=_verify_directory(teacher_dir),
         ),
         StageSpec(
             "cache", "cache", ("data",), ("cache",), (),
-            lambda cfg: cfg.cache.out, _run_cache, _cache_complete,
+            lambda cfg: cfg.cache.out, _run_cache, _cache_complete, verify=_verify_cache,
         ),
         StageSpec(
             "prune", "pruned", ("teacher", "data", "cache"), ("prune",), (),
             lambda cfg: cfg.prune.out, _run_prune, _pruned_complete,
+            verify=_verify_directory(pruned_model_dir),
         ),
         StageSpec(
             "train", "student", ("data", "cache", "prune"), ("model", "loss", "train"), (),
             lambda cfg: cfg.train.out, _run_train,
             lambda cfg: _run_complete(cfg.train.out, cfg.train.steps), student_config,
+            verify=_verify_directory(_latest(lambda cfg: cfg.train.out)),
         ),
         StageSpec(
             "baseline", "baseline", ("data", "prune"), ("model", "train"), ("train.cache",),
             lambda cfg: str(baseline_dir(cfg)), _run_train,
             lambda cfg: _run_complete(baseline_dir(cfg), cfg.train.steps), baseline_config,
+            verify=_verify_directory(_latest(baseline_dir)),
         ),
         StageSpec(
             "export", "hf", ("train",), (), (),
             lambda cfg: str(export_dir(cfg)), _run_export,
             lambda cfg: (export_dir(cfg) / "model.safetensors").is_file(),
+            verify=_verify_directory(export_dir),
         ),
         StageSpec(
             "report", "report", ("data", "teacher", "cache", "prune", "train", "baseline"), (), (),
