@@ -14,7 +14,6 @@ This guards against corruption, not against an attacker who rewrites ``checksums
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdscale.errors import KDScaleError
-from kdscale.io import atomic_write_text, read_json
+from kdscale.io import atomic_write_text, read_json, sha256_file
 
 CHECKSUMS = "checksums.json"
 FORMAT = "kdscale.checksums/1"
@@ -52,22 +51,13 @@ def list_files(root: Path) -> tuple[list[str], list[str]]:
     return sorted(files), sorted(odd)
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of one file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def digest_files(root: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{name: {"bytes": size, "sha256": hex}}`` for files under ``root``, hashed in parallel."""
     names = list(names)
 
     def one(name: str) -> dict[str, Any]:
         path = root / name
-        return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        return {"bytes": path.stat().st_size, "sha256": sha256_file(path, _BLOCK)}
 
     with ThreadPoolExecutor(max_workers=_threads()) as pool:
         return dict(zip(names, pool.map(one, names)))

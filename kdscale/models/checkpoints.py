@@ -75,7 +75,7 @@ def step_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
-_STEP_NAME = re.compile(r"step_\d{9}")
+_STEP_NAME = re.compile(r"step_\d{9,}")
 
 
 def complete_steps(root: Path) -> list[Path]:
