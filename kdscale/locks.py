@@ -5,7 +5,8 @@
 
 The lock is ``DIR/.lock`` held with ``flock`` (released by the kernel when the holder dies, so a
 killed run never blocks the next one) and deleted when the block ends, so nothing is left behind
-after success or an error. A lock file deleted between another process's open and its ``flock``
+after success or an error (nor the directory itself, if the lock created it and an error left
+it empty: a refused command leaves no trace). A lock file deleted between another process's open and its ``flock``
 is detected (the inode no longer matches the path) and taken afresh.
 """
 
@@ -45,6 +46,7 @@ def exclusive_directory(directory: Path, key: str, command: str) -> Iterator[Non
 
     ``key`` names the config key or flag that chose the directory, for the error message.
     """
+    created = not directory.exists()
     _make_directory(directory, key)
     path = directory / LOCK_NAME
     while True:
@@ -68,7 +70,16 @@ def exclusive_directory(directory: Path, key: str, command: str) -> Iterator[Non
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
+    except BaseException:
+        _release(path, fd)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if the failed command left it empty
+        raise
+    _release(path, fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
