@@ -20,44 +20,13 @@ MUNGE_MARK=/run/munge/.started-by-kdscale
 MARKER="# generated-by: kdscale tools/slurm_local.sh"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
-
-# alive PIDFILE: the daemon in PIDFILE runs (a zombie left for PID 1 to reap counts as dead).
-alive() {
-  local pid state
-  [[ -r $1 ]] || return 1
-  pid=$(<"$1")
-  [[ -r /proc/$pid/stat ]] || return 1
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ -n $state && $state != Z ]]
-}
-
-wait_pidfile() {  # a daemon writes its PID file a moment after forking
-  for _ in $(seq 100); do alive "$1" && return 0; sleep 0.1; done
-  die "no live daemon in $1 after 10 s (see $LOG_DIR)"
-}
-
-stop_pidfile() {  # stop_pidfile FILE: SIGTERM, wait up to 10 s, then SIGKILL
-  alive "$1" || { rm -f "$1"; return 0; }
-  local pid; pid=$(<"$1")
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do alive "$1" || break; sleep 0.1; done
-  alive "$1" && kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$1"
-}
-
-install_packages() {
-  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return 0
-  command -v apt-get >/dev/null || die "slurm-wlm is not installed and apt-get is not available"
-  local apt=(apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends slurm-wlm munge)
-  export DEBIAN_FRONTEND=noninteractive
-  "${apt[@]}" >/dev/null || { apt-get -o DPkg::Lock::Timeout=300 update -qq && "${apt[@]}" >/dev/null; } \
-    || die "apt-get install slurm-wlm munge failed"
-}
+# shellcheck source=tools/slurm_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_lib.sh"
 
 start_munge() {
   install -d -o munge -g munge -m 0755 /run/munge
   if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    [[ -s /etc/munge/munge.key ]] || runuser -u munge -- mungekey --create >/dev/null
+    munge_key
     runuser -u munge -- munged --force
     touch "$MUNGE_MARK"
     for _ in $(seq 50); do munge -n | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -65,52 +34,18 @@ start_munge() {
   fi
 }
 
-# The node's hardware as `slurmd -C` reports it, renamed to $NODE and pinned to $ADDR.
-node_line() {
-  local hw
-  hw=$(slurmd -C 2>/dev/null | head -1 | sed -E 's/^NodeName=[^ ]+ //; s/ ?UpTime=.*//') || true
-  [[ $hw == *CPUs=* ]] || hw="CPUs=$(nproc) RealMemory=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 ))"
-  echo "NodeName=$NODE NodeAddr=$ADDR $hw State=UNKNOWN"
-}
-
 render_conf() {
   cat <<CONF
 $MARKER
 ClusterName=kdscale-local
 SlurmctldHost=$NODE($ADDR)
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-# 0: start a job at once instead of holding it for the next 3-s scheduling pass.
-SchedulerParameters=batch_sched_delay=0
-# Reject jobs that can never fit at submission instead of leaving them PENDING forever.
-EnforcePartLimits=ALL
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$LOG_DIR/jobcomp.log
-MinJobAge=3600
-ReturnToService=2
-KillWait=5
-InactiveLimit=0
-Waittime=0
-MailProg=/bin/true
-StateSaveLocation=$STATE_DIR
+$(slurm_conf_common "$LOG_DIR/jobcomp.log" "StateSaveLocation=$STATE_DIR
 SlurmdSpoolDir=$SPOOL_DIR
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
 SlurmdPidFile=$SPOOL_DIR/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-$(node_line)
+SlurmdLogFile=$LOG_DIR/slurmd.log")
+NodeName=$NODE NodeAddr=$ADDR $(node_hardware) State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 }
