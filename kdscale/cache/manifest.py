@@ -41,6 +41,7 @@ class CacheShardRecord(BaseModel):
     bytes: int
     sha256: str
     fidelity: Fidelity
+    host: str | None = None  # the machine whose actor wrote it (None: written before it was recorded)
 
 
 class CacheHeader(BaseModel):

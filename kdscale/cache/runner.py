@@ -2,10 +2,13 @@
 
     kdscale cache --tokens runs/tokens --out runs/cache --set cache.codec.kind=sampled
 
-Each actor loads the teacher once and takes one token shard at a time; the driver hands out
-shards, records each committed shard in the manifest and shows progress. Actors that die are
-restarted by Ray and their shard is retried (``cache.ray.max_restarts``); a shard becomes
-visible only by an atomic rename of a complete file, so it is committed exactly once. Running
+Each actor loads the teacher once and takes one token shard at a time; the actors sit in one
+placement group spread over the cluster's nodes. The driver hands out shards, records each
+committed shard (and the host that wrote it) in the manifest and shows progress. Actors that die,
+alone or with their host, are restarted by Ray (elsewhere when the host is gone) and their shard
+is retried (``cache.ray.max_restarts``); a shard becomes visible only by an atomic rename of a
+complete file, so it is committed exactly once. A cluster address nobody answers at, or actors
+the cluster has no room for, are a one-line error after ``cache.ray.timeout_s``. Running
 the same command again resumes: committed shards are skipped. A cache made with another
 codec, teacher, tokenizer or token set is refused unless ``cache.restart`` is set.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -78,7 +82,11 @@ def _ray_session(cache: CacheConfig) -> Iterator[None]:
         return
     with contextlib.ExitStack() as local:
         if cache.ray.address:
-            ray.init(address=cache.ray.address, log_to_driver=True)
+            _check_reachable(cache.ray.address, cache.ray.timeout_s)
+            try:
+                ray.init(address=cache.ray.address, log_to_driver=True)
+            except ConnectionError as exc:  # e.g. `auto` with no cluster on this machine
+                raise KDScaleError(f"cache.ray.address={cache.ray.address}: {str(exc).splitlines()[0]}") from None
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             temp_dir = Path(cache.ray.temp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "kdscale-ray")
@@ -97,6 +105,44 @@ def _ray_session(cache: CacheConfig) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A one-line error, within ``timeout`` s, when nothing listens at a cluster address
+    (``ray.init`` would retry it for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise KDScaleError(f"cache.ray.address={address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise KDScaleError(
+            f"cache.ray.address={address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "start one (`ray start --head`) or fix the address"
+        ) from None
+
+
+def _place_actors(cache: CacheConfig) -> Any:
+    """A placement group with one bundle per actor, spread over the nodes; a one-line error when
+    the cluster cannot hold them within ``cache.ray.timeout_s`` (e.g. a host never joined)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundle = {"CPU": cache.ray.cpus_per_actor} | ({"GPU": cache.ray.gpus_per_actor} if cache.ray.gpus_per_actor else {})
+    group = placement_group([bundle] * cache.ray.actors, strategy="SPREAD")
+    try:
+        ray.get(group.ready(), timeout=cache.ray.timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        cpus_gpus = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        raise KDScaleError(
+            f"cache.ray: {cache.ray.actors} actors of {bundle} found no room within {cache.ray.timeout_s:.0f} s "
+            f"on a cluster of {nodes} nodes with {cpus_gpus} (a host that never joined?); "
+            "lower cache.ray.actors or the resources per actor, or raise cache.ray.timeout_s"
+        ) from None
+    return group
 
 
 def _tasks(tokens: TokensManifest, cache: CacheConfig, out: Path) -> list[ShardTask]:
@@ -219,6 +265,7 @@ def _actor_failure(exc: Exception, max_restarts: int) -> KDScaleError:
 def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, existing: CacheManifest | None) -> None:
     """Start the actors, settle the header, and write every shard not yet committed."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cache = cfg.cache
     remote = ray.remote(
@@ -228,7 +275,13 @@ def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, exist
         max_task_retries=cache.ray.max_restarts,
     )(CacheWorker)
     threads = max(1, int(cache.ray.cpus_per_actor))
-    actors = [remote.remote(cache.model_dump(mode="json"), threads) for _ in range(cache.ray.actors)]
+    group = _place_actors(cache)
+    actors = [
+        remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote(
+            cache.model_dump(mode="json"), threads
+        )
+        for i in range(cache.ray.actors)
+    ]
     try:
         described = ray.get([a.describe.remote() for a in actors])
     except ray.exceptions.RayActorError as exc:

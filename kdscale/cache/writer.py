@@ -10,6 +10,7 @@ fsync → rename); a killed writer leaves a hidden ``.*.tmp`` file that the runn
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -152,5 +153,6 @@ def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> Ca
         bytes=out.stat().st_size,
         sha256=sha256_file(out),
         fidelity=stats.summary(),
+        host=socket.gethostname(),
     )
 

@@ -136,6 +136,12 @@ class RayConfig(Section):
         3, ge=-1, description="Times Ray restarts a dead actor and retries its shard (-1: forever)."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all).")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds to wait for the cluster: for `address` to accept a connection, then "
+        "for resources to place every actor (a host that never joined); then a one-line error.",
+    )
     temp_dir: str | None = Field(None, description="Ray's session directory for a local instance.")
 
 
