@@ -24,12 +24,13 @@ def overrides(values: dict[str, Any]) -> list[str]:
 
 
 def metrics(out: Path, key: str) -> dict[int, float]:
-    """``key`` per step from metrics.jsonl; a step logged twice (redone after resume) keeps
-    its last value."""
+    """``key`` per step from metrics.jsonl, where every step is logged once (also when a
+    resumed run redid steps logged before it was killed)."""
     found = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if key in record:
+            assert record["step"] not in found, f"{key} of step {record['step']} logged twice in {out}"
             found[record["step"]] = record[key]
     return found
 

@@ -218,7 +218,7 @@ class TrainLoop:
         )
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len)
         tracker = _run_tracker(cfg, inputs, self.out) if dist.get_rank() == 0 else None
-        self.sink = MetricsSink(self.out, tracker)
+        self.sink = MetricsSink(self.out, tracker, resumed_step=self.progress.step)
         self.window = LogWindow(engine.device)
         self.bar = progress_bar("training", train.steps, "step", initial=self.progress.step)
 

@@ -2,9 +2,8 @@
 sinks (console, ``metrics.jsonl``, W&B) that rank 0 writes to.
 
 Metric names are namespaced (``loss/``, ``kd/``, ``optim/``, ``throughput/``, ``memory/``,
-``eval/``). ``metrics.jsonl`` holds one JSON object per logged step; a resumed run appends, so a
-step logged before a crash and redone after it appears twice (the later line is the one that
-counts).
+``eval/``). ``metrics.jsonl`` holds one JSON object per logged step, each step once: a resumed run
+first drops the lines of steps after its checkpoint (logged before a crash, redone now).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from kdscale.config import ModelConfig
+from kdscale.io import atomic_write_text
 from kdscale.logging import get_logger
 from kdscale.tracking import Tracker
 
@@ -71,10 +71,20 @@ def sum_to_all(values: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
 class MetricsSink:
     """Console, ``metrics.jsonl`` and W&B, written by rank 0 only."""
 
-    def __init__(self, out: Path, tracker: Tracker | None) -> None:
+    def __init__(self, out: Path, tracker: Tracker | None, resumed_step: int) -> None:
         self.enabled = dist.get_rank() == 0
         self.tracker = tracker
         self.path = out / "metrics.jsonl"
+        if self.enabled and self.path.is_file():
+            self._forget_after(resumed_step)
+
+    def _forget_after(self, step: int) -> None:
+        """Drop the lines of steps after ``step``: the run redoes them from its checkpoint."""
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            log.info("metrics.jsonl: dropping %d lines after step %d (redone)", len(lines) - len(kept), step)
+            atomic_write_text(self.path, "".join(kept))
 
     def write(self, step: int, metrics: dict[str, float], line: str) -> None:
         """Log one step's metrics everywhere."""
