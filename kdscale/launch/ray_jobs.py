@@ -3,7 +3,7 @@
     job_id = submit_ray_job("http://head:8265", job_command("recipe.yaml", "cache").shell(),
                             working_dir="recipes/", env={"HF_HOME": "/shared/hf"})
     status = wait_ray_job("http://head:8265", job_id)      # "SUCCEEDED" | "FAILED" | "STOPPED"
-    print(ray_job_logs("http://head:8265", job_id))
+    print(ray_job_logs("http://head:8265", job_id, tail=40))
 
 ``working_dir`` is uploaded to the cluster and is the job's current directory, so a recipe in
 it is named relative to it; its input and output paths should be on storage the cluster shares.
@@ -68,9 +68,10 @@ def wait_ray_job(address: str, job_id: str, timeout: float = 3600.0, poll: float
         time.sleep(poll)
 
 
-def ray_job_logs(address: str, job_id: str) -> str:
-    """Everything the job's entrypoint wrote to stdout and stderr so far."""
-    return str(_client(address).get_job_logs(job_id))
+def ray_job_logs(address: str, job_id: str, tail: int | None = None) -> str:
+    """What the job's entrypoint wrote to stdout and stderr so far (its last ``tail`` lines)."""
+    logs = str(_client(address).get_job_logs(job_id))
+    return logs if tail is None else "".join(logs.splitlines(keepends=True)[-tail:])
 
 
 def ray_job_message(address: str, job_id: str) -> str:

@@ -235,6 +235,30 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
         raise KDScaleError(f"{cmd[0]}: not found on PATH (is this a SLURM login node?)") from None
 
 
+def partition_size(partition: str | None) -> tuple[str, int] | None:
+    """``(name, nodes)`` of ``partition``, or of the default one when None (``sinfo``); None when
+    sinfo knows no such partition (sbatch then says so)."""
+    proc = _run(["sinfo", "-h", "-o", "%P %D"])  # one line per partition and node state
+    if proc.returncode != 0:
+        raise KDScaleError(f"sinfo failed: {' '.join(proc.stderr.split()) or f'exit status {proc.returncode}'}")
+    sizes: dict[str, int] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        name, count = line.split()
+        if name.endswith("*"):
+            name = default = name[:-1]
+        sizes[name] = sizes.get(name, 0) + int(count)
+    name = partition or default
+    return (name, sizes[name]) if name in sizes else None
+
+
+def check_nodes(nodes: int, partition: str | None) -> None:
+    """Refuse more nodes than the partition has (without EnforcePartLimits the job would pend forever)."""
+    size = partition_size(partition)
+    if size is not None and nodes > size[1]:
+        raise KDScaleError(f"--nodes {nodes}: partition {size[0]} has {size[1]} nodes")
+
+
 def submit_script(script: str, path: Path, env: dict[str, str] | None = None) -> str:
     """Write ``script`` to ``path`` (0600), submit it with ``sbatch`` and return the job id.
     ``env``: job variables, handed to ``sbatch``'s environment (``--export=ALL``), not the file."""
@@ -285,6 +309,15 @@ def job_status(job_id: str) -> JobStatus:
         reason=f.get("Reason", "None"),
         restarts=int(f.get("Restarts", "0")),
     )
+
+
+def job_nodes(job_id: str) -> list[str]:
+    """The hosts allocated to job ``job_id``, in order (the first runs the batch script)."""
+    proc = _run(["scontrol", "show", "job", "-o", job_id])
+    node_list = _fields(proc.stdout).get("NodeList", "")
+    if proc.returncode != 0 or node_list in ("", "(null)"):
+        raise KDScaleError(f"job {job_id}: no nodes allocated")
+    return _run(["scontrol", "show", "hostnames", node_list]).stdout.split()
 
 
 def wait_job(job_id: str, timeout: float = 3600.0, poll: float = 0.2, states: frozenset[str] = FINAL_STATES) -> JobStatus:

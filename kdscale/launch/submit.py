@@ -26,6 +26,7 @@ from kdscale.launch import ray_jobs, slurm
 from kdscale.stages import STAGE_COMMANDS
 
 SUCCESS = {"slurm": "COMPLETED", "ray": "SUCCEEDED"}
+LOG_TAIL = 40  # lines of a Ray job's log that --wait prints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the job); ray: sent as the job's env_vars through the Jobs API")
     p.add_argument("--python", help="python on the compute nodes (slurm: this one; ray: 'python')")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
-    p.add_argument("--wait", action="store_true", help="wait for the job; print its status (and Ray logs)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the job; print its status (Ray: after the last lines of its log)")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits")
     s = p.add_argument_group("slurm")
     s.add_argument("--nodes", type=int, default=1)
@@ -134,6 +136,7 @@ def submit_slurm(args: argparse.Namespace, recipe: Path) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
+    slurm.check_nodes(args.nodes, args.partition)
     job_id = slurm.submit_script(script, log_dir / f"{name}.sbatch", env)
     print(job_id, flush=True)
     if not args.wait:
@@ -162,7 +165,7 @@ def submit_ray(args: argparse.Namespace, recipe: Path) -> int:
     if not args.wait:
         return 0
     status = ray_jobs.wait_ray_job(args.address, job_id, timeout=args.timeout)
-    print(ray_jobs.ray_job_logs(args.address, job_id), end="")
+    print(ray_jobs.ray_job_logs(args.address, job_id, tail=LOG_TAIL), end="")
     print(f"{status} {ray_jobs.ray_job_message(args.address, job_id)}".rstrip())
     return 0 if status == SUCCESS["ray"] else 1
 
