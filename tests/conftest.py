@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from helpers_cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -27,6 +30,9 @@ for name, value in {
 }.items():
     os.environ.setdefault(name, str(value))
     Path(os.environ[name]).mkdir(parents=True, exist_ok=True)
+# pytest may have asked for the temp dir before this ran: tmp_path must be under TMPDIR too, on
+# the disk every host of the local cluster shares (each host has a /tmp of its own).
+tempfile.tempdir = None
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,8 +47,14 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# The test that takes the local cluster down runs after every other test that may use it.
+CLUSTER_DOWN_TEST = "test_down_leaves_no_namespace_link_or_process"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` where no CUDA device is present."""
+    """Skip tests marked ``gpu`` where no CUDA device is present; run the cluster's ``down``
+    test last."""
+    items.sort(key=lambda item: item.name == CLUSTER_DOWN_TEST)  # stable: the rest keep their order
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
@@ -112,3 +124,26 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Path
     args = ["train", "--tokens", str(tiny_tokens_dir), "--out", str(out), "--steps", "2"]
     assert main(args + [a for s in TINY_STUDENT for a in ("--set", s)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[LocalCluster]:
+    """Three network-namespace hosts with Slurm and Ray (tools/local_cluster.sh), up once per
+    session, with SLURM_CONF pointing at them; taken down at the end of the session, also when
+    a test failed or `up` broke halfway. Skipped only where namespaces cannot be made (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local cluster needs root (network namespaces, slurmd, munged)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    previous = os.environ.get("SLURM_CONF")
+    try:
+        cluster = LocalCluster.up(hosts=3)
+        os.environ["SLURM_CONF"] = cluster.slurm_conf
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        LocalCluster.keep_logs(CACHE / "local-cluster-logs")  # for a post-mortem
+        LocalCluster.down()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from kdscale.cache.manifest import load_cache_manifest
 from kdscale.cli import main
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -54,4 +55,28 @@ def make_cache(tokens: Path, out: Path, teacher: Path | str, *extra: str) -> Pat
          "--set", "cache.ray.num_cpus=2", "--set", "wandb.enabled=false", *extra]
     )
     assert status == 0
+    return out
+
+
+def shard_bytes(cache_dir: Path) -> dict[str, bytes]:
+    """Every committed shard of a cache, by name."""
+    return {name: (cache_dir / name).read_bytes() for name in load_cache_manifest(cache_dir).shards}
+
+
+def reference_shards(tokens_dir: Path, teacher: str, tmp: Path, *overrides: str) -> dict[str, bytes]:
+    """Cache shards written in this process, without Ray: what every run must reproduce."""
+    from kdscale.cache.writer import ShardTask, write_cache_shard
+    from kdscale.config import load_config
+    from kdscale.data.manifest import load_tokens_manifest
+    from kdscale.teacher import build_teacher
+
+    cfg = load_config(None, [f"cache.teacher.model={teacher}", *overrides]).cache
+    model = build_teacher(cfg.teacher)
+    tokens = load_tokens_manifest(tokens_dir)
+    out = {}
+    for split in cfg.splits:
+        for shard in tokens.splits[split].shards:
+            task = ShardTask(split, str(tokens_dir / shard.name), shard.sha256, str(tmp / shard.name), shard.samples, tokens.seq_len)
+            write_cache_shard(task, model, cfg)
+            out[shard.name] = (tmp / shard.name).read_bytes()
     return out

@@ -15,33 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_cache import make_cache, make_tiny_teacher, make_tokens
+from helpers_cache import make_cache, make_tiny_teacher, make_tokens, reference_shards, shard_bytes
 from kdscale.cache.manifest import load_cache_manifest
 from kdscale.cache.reader import open_cache
-from kdscale.cache.writer import ShardTask, write_cache_shard
 from kdscale.cli import main
-from kdscale.config import load_config
 from kdscale.data.manifest import load_tokens_manifest
 from kdscale.errors import KDScaleError
-from kdscale.teacher import build_teacher
-
-
-def shard_bytes(cache_dir: Path) -> dict[str, bytes]:
-    return {name: (cache_dir / name).read_bytes() for name in load_cache_manifest(cache_dir).shards}
-
-
-def reference_shards(tokens_dir: Path, teacher: str, tmp: Path, *overrides: str) -> dict[str, bytes]:
-    """Cache shards written in this process, without Ray: what every run must reproduce."""
-    cfg = load_config(None, [f"cache.teacher.model={teacher}", *overrides]).cache
-    model = build_teacher(cfg.teacher)
-    tokens = load_tokens_manifest(tokens_dir)
-    out = {}
-    for split in cfg.splits:
-        for shard in tokens.splits[split].shards:
-            task = ShardTask(split, str(tokens_dir / shard.name), shard.sha256, str(tmp / shard.name), shard.samples, tokens.seq_len)
-            write_cache_shard(task, model, cfg)
-            out[shard.name] = (tmp / shard.name).read_bytes()
-    return out
 
 
 def test_cache_covers_every_sample_and_reads_back(tiny_tokens_dir: Path, tiny_cache_dir: Path) -> None:
@@ -205,3 +184,69 @@ def test_sampled_and_topp_caches(tmp_path: Path, tiny_tokens_dir: Path, tiny_tea
                 full = targets.valid.sum(-1) == 64  # max_k reached before p
                 assert torch.all((covered >= 0.9 - 1e-2) | full)
             assert np.isfinite(record.fidelity.kl_mean) and record.fidelity.support_mean < 64
+
+
+# ------------------------------------------------------------------------- on the local cluster
+
+
+@pytest.mark.multihost
+def test_losing_a_worker_host_mid_cache_completes_byte_identical(
+    local_cluster, slow_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two actors on the two worker hosts; one host loses its link and every process (raylet,
+    actor, all) mid-shard. Ray declares it dead, restarts its actor on the survivor and retries
+    the shard: every sample exactly once, the bytes of an uninterrupted run."""
+    tokens, teacher = slow_setup
+    out = tmp_path / "cache"
+    lost = local_cluster.hosts[2]
+    command = [*_cache_command(tokens, out, teacher), "--ray-address", local_cluster.ray_address,
+               "--set", "cache.ray.actors=2"]  # fmt: skip
+    proc = subprocess.Popen(local_cluster.command_on(local_cluster.head, *command), stderr=subprocess.PIPE, text=True)
+    try:
+        def busy() -> bool:  # the lost host has committed a shard and is writing the next one
+            done = (out / "manifest.json").is_file() and load_cache_manifest(out).shards
+            return bool(done) and any(r.host == lost for r in done.values()) and any(out.glob(".*.tmp"))
+
+        _wait_for(busy, 300, "a shard in progress on the worker hosts")
+        before = load_cache_manifest(out).shards
+        local_cluster.kill_host(lost)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+        local_cluster.restore()
+    assert proc.returncode == 0, err[-3000:]
+    shards = load_cache_manifest(out).shards
+    after = [r.host for name, r in shards.items() if name not in before]
+    assert after and set(after) == {local_cluster.hosts[1]}  # the survivor did the rest
+    assert sum(r.host == lost for r in shards.values()) == sum(r.host == lost for r in before.values())
+    keys = [key for key, _, _ in open_cache(out).iter_split("train")]
+    assert len(keys) == len(set(keys)) == load_tokens_manifest(tokens).splits["train"].samples
+    assert shard_bytes(out) == reference_shards(tokens, str(teacher), tmp_path / "ref", "cache.splits=[train]")
+
+
+@pytest.mark.multihost
+def test_a_dead_cluster_address_is_a_one_line_error(local_cluster, tiny_tokens_dir, tiny_teacher_dir, tmp_path, capsys) -> None:
+    dead = "10.77.0.99:6390"  # on the cluster's subnet, no host there
+    status = main(["cache", "--tokens", str(tiny_tokens_dir), "--out", str(tmp_path / "c"), "--teacher",
+                   str(tiny_teacher_dir), "--ray-address", dead, "--set", "cache.ray.timeout_s=10"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert f"cache.ray.address={dead}: no Ray cluster answers there" in err
+
+
+@pytest.mark.multihost
+def test_actors_for_a_host_that_never_joined_are_a_one_line_error(local_cluster, tiny_tokens_dir, tiny_teacher_dir, tmp_path) -> None:
+    """One actor more than there are worker hosts, each actor as big as a host: the last waits for
+    a host that is not there, until cache.ray.timeout_s."""
+    cpus = len(os.sched_getaffinity(0))  # what `ray start` gives each worker host
+    workers = len(local_cluster.hosts) - 1
+    command = [*_cache_command(tiny_tokens_dir, tmp_path / "c", tiny_teacher_dir), "--ray-address",
+               local_cluster.ray_address, "--set", f"cache.ray.actors={workers + 1}",
+               "--set", f"cache.ray.cpus_per_actor={cpus}", "--set", "cache.ray.timeout_s=5"]  # fmt: skip
+    proc = local_cluster.run_on(local_cluster.head, *command, timeout=300)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("kdscale cache: error:")] == [
+        f"kdscale cache: error: cache.ray: {workers + 1} actors of {{'CPU': {float(cpus)}}} found no room within "
+        f"5 s on a cluster of {workers + 1} nodes with {{'CPU': {float(cpus * workers)}}} (a host that never "
+        "joined?); lower cache.ray.actors or the resources per actor, or raise cache.ray.timeout_s"
+    ]

@@ -1,15 +1,14 @@
-"""`kdscale submit --launcher slurm` against a real one-node SLURM (tools/slurm_local.sh).
+"""`kdscale submit --launcher slurm` against a real Slurm: the local cluster of namespace hosts
+(tools/local_cluster.sh, three nodes).
 
-Rendering tests run everywhere. The cluster tests install slurm-wlm + munge with apt-get when
-missing and start slurmctld/slurmd on 127.0.0.1; they skip only where that cannot work (not
-root, or no apt-get and no SLURM). Jobs are followed by polling ``scontrol``, never ``--wait``
-of sbatch.
+Rendering tests run everywhere. The cluster tests (marked ``multihost``) install slurm-wlm + munge
+with apt-get when missing; they skip only where the cluster cannot be made (not root). Jobs are
+followed by polling ``scontrol``, never ``--wait`` of sbatch. Multi-node training jobs (the
+torchrun template) are in test_multihost_train.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers_cache import shard_bytes
+from kdscale.cache.manifest import load_cache_manifest
 from kdscale.cli import main
 from kdscale.launch import slurm
 
@@ -156,15 +157,13 @@ def test_time_limit_formats():
 # ---------------------------------------------------------------------------------- real SLURM
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """A running one-node SLURM (installed and started by tools/slurm_local.sh)."""
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld/slurmd needs root")
-    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
-    proc = subprocess.run([str(REPO / "tools" / "slurm_local.sh")], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.multihost
+def test_more_nodes_than_the_cluster_has_is_a_one_line_error(local_cluster, tmp_path, capsys):
+    status, out, err = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage", "train",
+                               "--nodes", "4", "--log-dir", str(tmp_path / "logs"))
+    assert status == 2 and out == ""
+    assert err == "kdscale submit: error: --nodes 4: partition debug has 3 nodes\n"
+    assert not (tmp_path / "logs").exists()  # nothing submitted
 
 
 def _step_log_says(path: Path, text: str, timeout: float = 60.0) -> str:
@@ -176,7 +175,8 @@ def _step_log_says(path: Path, text: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"{path} never said {text!r}: {path.read_text() if path.is_file() else '(absent)'}")
 
 
-def test_recipe_job_distills_a_student(slurm_cluster, tmp_path, capsys, tiny_tokens_dir, tiny_teacher_dir):
+@pytest.mark.multihost
+def test_recipe_job_distills_a_student(local_cluster, tmp_path, capsys, tiny_tokens_dir, tiny_teacher_dir):
     """The default job is `kdscale run RECIPE`: here cache → train (2 steps) → export."""
     recipe = tmp_path / "distill.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -196,13 +196,15 @@ def test_recipe_job_distills_a_student(slurm_cluster, tmp_path, capsys, tiny_tok
     final = slurm.wait_job(job_id, timeout=600)
     log = (tmp_path / "logs" / f"kdscale-run-distill-{job_id}.out").read_text()
     assert (final.state, final.exit_code) == ("COMPLETED", 0), log
-    assert f"kdscale: job {job_id} on localhost (restart 0)" in log
+    node = slurm.job_nodes(job_id)[0]
+    assert node in local_cluster.hosts and f"kdscale: job {job_id} on {node} (restart 0)" in log
     assert "recipe slurm: all 3 stages complete" in log
     assert (tmp_path / "run" / "student" / "checkpoints" / "step_000000002" / "train_state.json").is_file()
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
 
-def test_failing_job_is_reported_failed_with_its_exit_code(slurm_cluster, tmp_path, capsys):
+@pytest.mark.multihost
+def test_failing_job_is_reported_failed_with_its_exit_code(local_cluster, tmp_path, capsys):
     recipe = _recipe(tmp_path, inputs=[str(tmp_path / "no-such-input.txt")])
     status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "data",
                              "--log-dir", str(tmp_path / "logs"), "--wait", "--timeout", "300")
@@ -221,7 +223,8 @@ def _stand_in(tmp_path: Path) -> Path:
     return step
 
 
-def test_cancel_forwards_sigterm_to_the_step(slurm_cluster, tmp_path, capsys):
+@pytest.mark.multihost
+def test_cancel_forwards_sigterm_to_the_step(local_cluster, tmp_path, capsys):
     step_log = tmp_path / "step.log"
     _, out, _ = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage", "data",
                         "--python", str(_stand_in(tmp_path)), "--env", f"STEP_LOG={step_log}",
@@ -234,7 +237,8 @@ def test_cancel_forwards_sigterm_to_the_step(slurm_cluster, tmp_path, capsys):
     assert "checkpoint on TERM" in _step_log_says(step_log, "checkpoint on TERM", timeout=30)
 
 
-def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, capsys):
+@pytest.mark.multihost
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(local_cluster, tmp_path, capsys):
     """What SLURM does at --signal time, done now: USR1 to the batch shell only (B:)."""
     step_log = tmp_path / "step.log"
     _, out, _ = _submit(capsys, str(_recipe(tmp_path)), "--launcher", "slurm", "--stage", "data",
@@ -260,7 +264,8 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm_clust
     assert "kdscale: SIGUSR1" in log and f"requeueing job {job_id}" in log and "(restart 1)" in log
 
 
-def test_env_secrets_reach_the_job_but_never_the_script_file(slurm_cluster, tmp_path, capsys):
+@pytest.mark.multihost
+def test_env_secrets_reach_the_job_but_never_the_script_file(local_cluster, tmp_path, capsys):
     """`--env KEY=secret`: the job sees it; the 0600 script file holds only the name."""
     seen, secret = tmp_path / "seen", "s3cr3t-" + os.urandom(6).hex()
     step = tmp_path / "step.sh"
@@ -275,3 +280,26 @@ def test_env_secrets_reach_the_job_but_never_the_script_file(slurm_cluster, tmp_
     (script,) = logs.glob("*.sbatch")
     assert (script.stat().st_mode & 0o777) == 0o600
     assert secret not in script.read_text() and "KDSCALE_TEST_TOKEN" in script.read_text()
+
+
+@pytest.mark.multihost
+def test_ray_template_caches_on_a_ray_cluster_over_two_nodes(
+    local_cluster, tmp_path, capsys, tiny_tokens_dir, tiny_teacher_dir, tiny_cache_dir
+):
+    """A Ray head on the job's first node, a worker on the second, two actors (one CPU each):
+    the cache of one host and one actor (`tiny_cache_dir`), shards written on both nodes."""
+    recipe = tmp_path / "cache.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "cache": {"tokens": str(tiny_tokens_dir), "out": str(tmp_path / "cache"),
+                  "teacher": {"model": str(tiny_teacher_dir)}, "ray": {"actors": 2}},
+        "wandb": {"enabled": False},
+    }))  # fmt: skip
+    status, out, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "cache", "--nodes", "2",
+                             "--log-dir", str(tmp_path / "logs"), "--wait", "--timeout", "600")
+    job_id, summary = out.splitlines()
+    log = (tmp_path / "logs" / f"kdscale-cache-cache-{job_id}.out").read_text()
+    assert status == 0 and summary.startswith("COMPLETED exit_code=0"), log
+    nodes = slurm.job_nodes(job_id)
+    assert len(set(nodes)) == 2 and f"kdscale: Ray head on {nodes[0]} (" in log
+    assert shard_bytes(tmp_path / "cache") == shard_bytes(tiny_cache_dir)
+    assert {r.host for r in load_cache_manifest(tmp_path / "cache").shards.values()} == set(nodes)
