@@ -99,7 +99,7 @@ def test_multi_node_templates(tmp_path, capsys):
 
     _, ray, _ = _submit(capsys, str(recipe), "--launcher", "slurm", "--stage", "cache",
                         "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
-    assert "start --head --block" in ray and '--exclude="$HEAD_NODE"' in ray
+    assert 'start --head --node-ip-address="$HEAD_IP"' in ray and '--exclude="$HEAD_NODE"' in ray
     assert 'cache --config ' in ray and '--set "cache.ray.address=$RAY_ADDRESS"' in ray
 
 
