@@ -17,7 +17,7 @@
 # their own munged on the machine's munge key; clients choose it with SLURM_CONF. Ray: `ray start
 # --head` on the head (no CPUs: it holds drivers, not actors), `ray start --address` on every other
 # host, on ports other than Ray's defaults (a Ray cluster inside a Slurm job keeps those), with
-# health checks that declare a lost host dead in about 3 s (see README "A local cluster").
+# health checks that declare a lost host dead 3-4 s after it is gone (README, "Multi-host").
 # `up` prints the addresses to export:
 #
 #   HOSTS=kdscale0,kdscale1,kdscale2
@@ -27,8 +27,8 @@
 #
 # `up` after `kill HOST` (or any daemon's death) restarts what is missing. `down` stops the daemons
 # by their PID files, SIGKILLs whatever still runs on the hosts (job steps, Ray workers), deletes
-# the namespaces, links and the state directory; it also cleans up after a
-# failed or interrupted `up`. Needs root, iproute2, util-linux; installs slurm-wlm and munge with
+# the namespaces, links and the state directory; it also cleans up after a failed or interrupted
+# `up`. Needs root, iproute2, util-linux; installs slurm-wlm and munge with
 # apt-get if missing (tools/slurm_lib.sh); Ray comes from $KDSCALE_CLUSTER_BIN (default .venv/bin).
 set -euo pipefail
 
@@ -207,7 +207,7 @@ slurm() { SLURM_CONF=$CONF timeout 5 "$@"; }
 ray_pidfile() { echo "$STATE/ray/$1.pid"; }
 
 start_ray() {  # start_ray N: the head on host 0 (restarting every worker if it is new), then workers
-  local n=$1 i host head args
+  local n=$1 i host head
   [[ -x $PYBIN/ray ]] || die "no ray in $PYBIN (run make install, or set KDSCALE_CLUSTER_BIN)"
   mkdir -p "$STATE/ray"
   head=$(host_name 0)
@@ -243,13 +243,20 @@ start_ray_node() {  # start_ray_node HOST ARGS...: `ray start --block` in its ow
   echo $! >"$(ray_pidfile "$host")"
 }
 
+process_group() {  # process_group PID: its process group (/proc/PID/stat field 5, after "(comm)")
+  local stat pgid
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  read -r _ _ pgid _ <<<"${stat##*) }"
+  echo "$pgid"
+}
+
 clear_ray() {  # clear_ray HOST: SIGKILL what an exited `ray start` on HOST left (its process group)
   local file group pid
   file=$(ray_pidfile "$1")
   [[ -r $file ]] || return 0
   group=$(<"$file")
   for pid in $(ip netns pids "$1" 2>/dev/null); do
-    if [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$group" ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
+    if [[ $(process_group "$pid") == "$group" ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
   done
   rm -f "$file"
 }
@@ -365,6 +372,8 @@ up() {
       || die "the cluster in $STATE belongs to $(sed -n 's/^REPO=//p' "$STATE/cluster.env"); down it there first"
   fi
   install_packages
+  command -v ip >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install \
+    -y -qq --no-install-recommends iproute2 >/dev/null || die "iproute2 (ip) is missing and apt-get could not install it"
   mkdir -p "$STATE"
   printf 'N=%s\nREPO=%s\n' "$n" "$REPO" >"$STATE/cluster.env"
   make_network "$n"
