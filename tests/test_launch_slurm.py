@@ -250,7 +250,9 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(local_clust
     _step_log_says(step_log, "checkpoint on TERM")
     requeued = slurm.wait_job(job_id, timeout=60, states=frozenset({"PENDING"}))
     assert requeued.restarts == 1
-    # SLURM holds a requeued job back a while (BeginTime); let it start again now.
+    # SLURM holds a requeued job back a while (BeginTime); let it start again now, though not within
+    # the second of the requeue, whose revoked job credential would refuse the start.
+    time.sleep(1.1)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     final = slurm.wait_job(job_id, timeout=120)
     assert (final.state, final.exit_code) == ("COMPLETED", 0)

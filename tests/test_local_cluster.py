@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,11 +27,11 @@ def test_hosts_are_separate_machines_on_a_private_network(local_cluster: LocalCl
     probe = (
         "hostname; hostname --ip-address; echo routes $(ip route | wc -l) default $(ip route | grep -c default); "
         "echo mine > /tmp/kdscale-probe; cat \"$0\"; "
-        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=5)' 2>&1 | tail -1"
+        "\"$1\" -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=5)' 2>&1 | tail -1"
     )
     (tmp_path / "shared.txt").write_text("on the shared disk\n")
     for i, host in enumerate(local_cluster.hosts):
-        proc = local_cluster.run_on(host, "sh", "-c", probe, str(tmp_path / "shared.txt"), timeout=60)
+        proc = local_cluster.run_on(host, "sh", "-c", probe, str(tmp_path / "shared.txt"), sys.executable, timeout=60)
         lines = proc.stdout.splitlines()
         assert lines[:2] == [host, f"10.77.0.{i + 1}"], proc.stdout + proc.stderr
         assert lines[2] == "routes 1 default 0"  # the subnet only
