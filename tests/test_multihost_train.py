@@ -29,7 +29,7 @@ from kdscale.models.checkpoints import latest_checkpoint, read_train_state, step
 from tests.helpers_train import assert_close, metrics
 
 pytestmark = pytest.mark.multihost
-STEPS, SAVE_EVERY = 10, 2
+STEPS, SAVE_EVERY = 6, 2
 RECIPE = {
     "model": {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 4,
               "num_query_groups": 2, "vocab_size": 49152, "max_position_embeddings": 64},
