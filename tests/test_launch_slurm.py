@@ -9,6 +9,7 @@ torchrun template) are in test_multihost_train.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
