@@ -1,7 +1,9 @@
 """The cache manifest: what a teacher-target cache holds, what it was made from, and what is done.
 
-The driver of ``kdscale cache`` is its only writer; it rewrites the file atomically after every
-committed shard, so the manifest is always a consistent record of the shards that exist.
+The driver of ``kdscale cache`` is its only writer: it writes the header, commits each shard as
+one commit-log record (:mod:`kdscale.manifest`; constant cost however many shards exist) and
+folds the log into ``manifest.json`` at the end, so the manifest is always a consistent record
+of the shards that exist.
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ class CacheManifest(Manifest):
     header: CacheHeader
     tokens_dir: str
     shards: dict[str, CacheShardRecord] = {}
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """Record one committed shard (a :class:`CacheShardRecord` as a dict)."""
+        shard = CacheShardRecord.model_validate(record)
+        self.shards[shard.name] = shard
+
+    def commit_shard(self, root: str | Path, shard: CacheShardRecord) -> None:
+        """Record a shard that is in place under ``root`` (constant cost)."""
+        self.commit(root, shard.model_dump(mode="json"))
 
 
 def load_cache_manifest(root: str | Path) -> CacheManifest:

@@ -334,8 +334,7 @@ def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest,
                 if isinstance(cause, OSError):  # e.g. a full disk, raised in the actor
                     raise KDScaleError(f"{task.out_path}: {describe_failure(cause)[0]}") from None
                 raise
-            manifest.shards[record.name] = record
-            manifest.write(out)  # the commit point a resumed run trusts
+            manifest.commit_shard(out, record)  # the commit point a resumed run trusts
             idle.append(actor)
             tokens_done += record.tokens
             rate = tokens_done / max(time.perf_counter() - start, 1e-9)
@@ -349,4 +348,5 @@ def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest,
                     "cache/bytes_per_token": record.bytes / max(record.tokens, 1),
                 }
             )
+    manifest.write(out)  # fold the commit log into manifest.json
     log.info("cache %s: %d shards committed (%.0f tokens/s)", out, len(manifest.shards), tokens_done / max(time.perf_counter() - start, 1e-9))
