@@ -60,6 +60,7 @@ STAGES: dict[str, Stage] = {
             Shorthand("--seq-len", "data.seq_len", "tokens per sample", {"type": int}),
             Shorthand("--shard-samples", "data.shard_samples", "samples per shard", {"type": int}),
             Shorthand("--text-field", "data.text_field", "jsonl/parquet text field"),
+            Shorthand("--workers", "data.workers", "tokenizer processes", {"type": int}),
             Shorthand("--out", "data.out", "output directory"),
             Shorthand("--overwrite", "data.overwrite", "replace an existing output",
                       {"action": "store_true", "default": None}),

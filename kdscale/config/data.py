@@ -38,6 +38,21 @@ class DataConfig(Section):
         "or nothing.",
     )
     batch_docs: int = Field(256, ge=1, description="Documents tokenized per batch.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Processes that tokenize work units (1: tokenize in the driver). The output "
+        "is byte-identical for any number.",
+        json_schema_extra=RUNTIME,
+    )
+    unit_bytes: int = Field(
+        16 << 20,
+        ge=1,
+        description="Input bytes per work unit (runs of text files, .jsonl byte ranges, parquet "
+        "row groups, Megatron documents); a stopped run resumes from the last finished unit. A "
+        "resumed run keeps the value it started with.",
+        json_schema_extra=RUNTIME,
+    )
     overwrite: bool = Field(
         False, description="Replace an existing output directory.", json_schema_extra=RUNTIME
     )

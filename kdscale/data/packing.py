@@ -13,11 +13,11 @@ import numpy as np
 class Packer:
     """Accumulates documents and emits full samples as they complete."""
 
-    def __init__(self, seq_len: int, separator_id: int | None):
+    def __init__(self, seq_len: int, separator_id: int | None, buffer: np.ndarray | None = None):
         self.sample_len = seq_len + 1
         self.stride = seq_len
         self.separator_id = separator_id
-        self._buffer = np.empty(0, dtype=np.int64)
+        self._buffer = np.empty(0, dtype=np.int64) if buffer is None else buffer.astype(np.int64)
 
     def add(self, ids: np.ndarray) -> list[np.ndarray]:
         """Append one document; return every sample it completes."""
@@ -30,6 +30,11 @@ class Packer:
         if n_full:
             self._buffer = self._buffer[n_full * self.stride :].copy()
         return samples
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The tokens not yet emitted (what a resumed packer starts from)."""
+        return self._buffer
 
     @property
     def leftover(self) -> int:

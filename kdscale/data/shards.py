@@ -15,16 +15,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-from collections.abc import Iterator
+import os
+import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-import webdataset as wds
 
 from kdscale.data.manifest import ShardRecord
 from kdscale.data.tarindex import ShardFiles, index_shard
 from kdscale.errors import KDScaleError
-from kdscale.io import sha256_file
+from kdscale.io import fsync_dir, sha256_file
 
 TOKENS_MEMBER = "tokens.npy"
 
@@ -46,59 +48,111 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class TokenShardWriter:
-    """Writes ``<prefix>-NNNNNN.tar`` shards of at most ``shard_samples`` samples each."""
+    """Writes one split's ``<prefix>-NNNNNN.tar`` shards, sample by sample.
 
-    def __init__(self, out_dir: Path, prefix: str, shard_samples: int, dtype: np.dtype):
+    A shard grows in a hidden partial file (``.<name>.partial``); once it holds ``shard_samples``
+    samples (or at :meth:`close`) it is finished, fsynced, renamed to its name and handed to
+    ``commit``, which records it in the manifest. :meth:`sync` makes the partial file durable and
+    says where it stands, so a stopped run can :meth:`start` again at that point. The bytes are
+    those of a webdataset ``TarWriter`` with fixed times and owners, however often the shard was
+    resumed.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        prefix: str,
+        shard_samples: int,
+        dtype: np.dtype,
+        commit: Callable[[ShardRecord], None],
+    ):
         self.out_dir = out_dir
         self.prefix = prefix
         self.shard_samples = shard_samples
         self.dtype = dtype
-        self.records: list[ShardRecord] = []
-        self.samples = 0
-        self._writer: wds.TarWriter | None = None
-        self._count = 0
+        self.commit = commit
+        self.index = 0  # the shard being written
+        self.count = 0  # samples in it so far
+        self._file: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
 
-    def _path(self, index: int) -> Path:
-        return self.out_dir / f"{self.prefix}-{index:06d}.tar"
+    def name(self, index: int) -> str:
+        """The file name of shard ``index``."""
+        return f"{self.prefix}-{index:06d}.tar"
+
+    def partial_path(self, index: int) -> Path:
+        """Where shard ``index`` grows until it is committed."""
+        return self.out_dir / f".{self.name(index)}.partial"
+
+    def start(self, index: int, length: int = 0, samples: int = 0) -> None:
+        """Write shard ``index`` next; with ``length``, continue its partial file after its first
+        ``length`` bytes, which hold ``samples`` samples (anything after them is dropped)."""
+        assert self._file is None
+        self.index, self.count = index, samples
+        if length:
+            self._open(index, "r+b")
+            self._file.truncate(length)
+            self._file.seek(length)
+            self._tar = tarfile.TarFile(fileobj=self._file, mode="w")
+
+    def _open(self, index: int, mode: str) -> None:
+        self._file = open(self.partial_path(index), mode)  # noqa: SIM115 - closed by _finish
 
     def write(self, key: str, tokens: np.ndarray) -> None:
         """Append one sample (already converted to the shard dtype)."""
-        if self._writer is None:
-            self._writer = wds.TarWriter(str(self._path(len(self.records))), mtime=0.0)
-            self._count = 0
+        if self._file is None:
+            self._open(self.index, "wb")
+            self._tar = tarfile.TarFile(fileobj=self._file, mode="w")
+        data = _npy_bytes(tokens)
+        info = tarfile.TarInfo(f"{key}.{TOKENS_MEMBER}")
+        info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+        info.uname = info.gname = "bigdata"  # webdataset's TarWriter defaults
         with self._aborted_on_failure():
-            self._writer.write({"__key__": key, TOKENS_MEMBER: _npy_bytes(tokens)})
-        self._count += 1
-        self.samples += 1
-        if self._count == self.shard_samples:
-            self._close_shard()
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        if self.count == self.shard_samples:
+            self._finish()
 
-    def _close_shard(self) -> None:
-        assert self._writer is not None
+    def sync(self) -> tuple[int, int, int]:
+        """Flush the partial shard to disk; ``(shard index, bytes, samples)`` written so far."""
+        if self._file is None:
+            return self.index, 0, self.count
         with self._aborted_on_failure():
-            self._writer.close()
-        path = self._path(len(self.records))
-        self.records.append(
-            ShardRecord(name=path.name, samples=self._count, bytes=path.stat().st_size, sha256=sha256_file(path))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return self.index, self._file.tell(), self.count
+
+    def _finish(self) -> None:
+        assert self._file is not None and self._tar is not None
+        with self._aborted_on_failure():
+            self._tar.close()  # end-of-archive blocks; the file stays open
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self._file = self._tar = None
+        path = self.out_dir / self.name(self.index)
+        os.replace(self.partial_path(self.index), path)
+        fsync_dir(self.out_dir)
+        self.commit(
+            ShardRecord(name=path.name, samples=self.count, bytes=path.stat().st_size, sha256=sha256_file(path))
         )
-        self._writer = None
+        self.index, self.count = self.index + 1, 0
 
-    def close(self) -> list[ShardRecord]:
-        """Finish the open shard, if any; return the records of every shard written."""
-        if self._writer is not None:
-            self._close_shard()
-        return self.records
+    def close(self) -> None:
+        """Finish and commit the open shard, if it holds any sample."""
+        if self._file is not None:
+            self._finish()
 
     @contextlib.contextmanager
     def _aborted_on_failure(self) -> Iterator[None]:
-        """A failed write (a full disk) drops the open shard, so that no finalizer flushes it
-        into the disk again later; the caller discards the directory."""
+        """A failed write (a full disk) drops the open partial shard, so that no finalizer
+        flushes it into the disk again later; a resumed run truncates it to its last sync."""
         try:
             yield
         except BaseException:
             with contextlib.suppress(OSError):
-                self._writer.close()
-            self._writer = None
+                self._file.close()
+            self._file = self._tar = None
             raise
 
 

@@ -1,5 +1,8 @@
 """Document sources: every input kind yields documents, as text or as already-tokenized ids.
 
+Each reader streams one slice of an input (a byte range, row groups, a document range), so that
+:mod:`kdscale.data.units` can cut large inputs into work units read in bounded memory.
+
 Inputs, in the order given (directories are walked in sorted order, so runs are repeatable):
 
 - ``*.txt`` files, or directories of them: one document per file;
@@ -18,10 +21,15 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kdscale.errors import KDScaleError
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 STDLIB_PREFIX = "stdlib:python"
 
@@ -76,36 +84,53 @@ def resolve_source(spec: str) -> Source:
     )
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise KDScaleError(f"data.inputs: cannot read {str(path)!r}: {exc.strerror}") from None
 
 
-def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte ``offset`` (error messages only)."""
     with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
+        return handle.read(offset).count(b"\n") + 1
+
+
+def jsonl_documents(path: Path, field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """The texts of the lines that start in bytes ``[start, end)`` of a .jsonl file, streamed."""
+    with open(path, "rb") as handle:
+        if start:
+            handle.seek(start - 1)
+            handle.readline()  # the line holding byte start-1 belongs to the range before
+        while end is None or handle.tell() < end:
+            offset = handle.tell()
+            raw = handle.readline()
+            if not raw:
+                break
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise KDScaleError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start})") from None
+                where = f"{path}:{_line_number(path, offset)}"
+                raise KDScaleError(f"{where}: not UTF-8 text (byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise KDScaleError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                where = f"{path}:{_line_number(path, offset)}"
+                raise KDScaleError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(record, dict) or field not in record:
                 raise KDScaleError(
-                    f"{path}:{lineno}: record has no field {field!r} (set data.text_field)"
+                    f"{path}:{_line_number(path, offset)}: record has no field {field!r} (set data.text_field)"
                 )
             if not isinstance(record[field], str):
-                raise KDScaleError(f"{path}:{lineno}: field {field!r} is not a string")
+                raise KDScaleError(f"{path}:{_line_number(path, offset)}: field {field!r} is not a string")
             yield record[field]
 
 
-def _parquet_docs(path: Path, field: str) -> Iterator[str]:
+def open_parquet(path: Path, field: str) -> "pq.ParquetFile":
+    """A parquet file whose column ``field`` holds strings (checked from its schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -119,34 +144,31 @@ def _parquet_docs(path: Path, field: str) -> Iterator[str]:
     column_type = parquet.schema_arrow.field(field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise KDScaleError(f"{path}: column {field!r} has type {column_type}, expected a string column")
-    for batch in parquet.iter_batches(columns=[field]):
+    return parquet
+
+
+def parquet_documents(path: Path, field: str, row_groups: list[int]) -> Iterator[str]:
+    """The non-null texts of column ``field`` in the given row groups, a batch at a time."""
+    parquet = open_parquet(path, field)
+    for batch in parquet.iter_batches(columns=[field], row_groups=row_groups, batch_size=1024):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)
 
 
-def _megatron_docs(prefix: Path) -> Iterator[np.ndarray]:
+def open_megatron(prefix: Path) -> "IndexedDataset":
+    """A Megatron indexed dataset (memory-mapped), or a clear error."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     try:
-        dataset = IndexedDataset(str(prefix), multimodal=False, mmap=True)
+        return IndexedDataset(str(prefix), multimodal=False, mmap=True)
     except Exception as exc:  # megatron raises assorted errors for damaged .idx files
         raise KDScaleError(f"{prefix}.bin/.idx: not a readable Megatron indexed dataset ({exc})") from None
+
+
+def megatron_documents(prefix: Path, first: int, last: int) -> Iterator[np.ndarray]:
+    """Documents ``first .. last - 1`` of a Megatron indexed dataset, as int64 ids."""
+    dataset = open_megatron(prefix)
     bounds = dataset.document_indices
-    for doc in range(len(bounds) - 1):
+    for doc in range(first, last):
         parts = [dataset[i] for i in range(bounds[doc], bounds[doc + 1])]
         if parts:
             yield np.concatenate(parts).astype(np.int64, copy=False)
-
-
-def iter_documents(source: Source, text_field: str) -> Iterator[str | np.ndarray]:
-    """Yield the documents of one source: ``str`` for text, int64 ids for tokenized inputs."""
-    if source.kind in ("text", "stdlib"):
-        for path in source.files:
-            yield _read_text(path)
-    elif source.kind == "jsonl":
-        yield from _jsonl_docs(source.files[0], text_field)
-    elif source.kind == "parquet":
-        yield from _parquet_docs(source.files[0], text_field)
-    elif source.kind == "megatron":
-        yield from _megatron_docs(source.files[0])
-    else:  # pragma: no cover - resolve_source produces only the kinds above
-        raise AssertionError(source.kind)

@@ -1,71 +1,83 @@
 """``kdscale data``: tokenize inputs, pack them into samples, write token shards + manifest.
 
     kdscale data --input stdlib:python --tokenizer smollm2-135m --seq-len 512 \\
-        --eval-fraction 0.02 --out runs/tokens
+        --eval-fraction 0.02 --out runs/tokens --workers 8
 
-Runs are deterministic (same inputs and config → byte-identical shards) and atomic: the
-output directory appears only when every shard and the manifest are written.
+The inputs are cut into work units (:mod:`kdscale.data.units`), tokenized on ``data.workers``
+processes (:mod:`kdscale.data.tokenize`) and packed, deduplicated and written in unit order
+(:mod:`kdscale.data.builder`), so the same inputs give byte-identical shards for any number of
+workers. Shards are committed one by one into the tokens manifest, which says
+``complete: false`` until the last one; consumers refuse an incomplete token set. Running the
+same command again resumes a stopped run after its last finished unit (committed shards are
+kept), or does nothing when the token set is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from kdscale.config import KDScaleConfig, write_resolved_config
+from kdscale.config.base import runtime_keys
 from kdscale.config.data import DataConfig
+from kdscale.data.builder import SPLITS, STATE_DIR, DataProgress, TokenSetBuilder
 from kdscale.data.manifest import SplitRecord, TokensManifest
-from kdscale.data.packing import Packer
-from kdscale.data.shards import TokenShardWriter, sample_key, token_dtype
-from kdscale.data.sources import Source, iter_documents, resolve_source
+from kdscale.data.shards import token_dtype
+from kdscale.data.sources import Source, resolve_source
+from kdscale.data.tokenize import TokenizeJob, tokenized_units
 from kdscale.data.tokenizer import Tokenizer
+from kdscale.data.units import plan_units
 from kdscale.errors import KDScaleError
-from kdscale.io import atomic_directory
 from kdscale.logging import get_logger
 from kdscale.progress import progress_bar
 
 log = get_logger(__name__)
 
 
-def _is_held_out(ids: np.ndarray, fraction: float, separator_id: int | None) -> bool:
-    """Pick held-out documents by a hash of their token ids, so the split ignores input order
-    and input format (text and pre-tokenized copies of a document land on the same side)."""
-    if fraction <= 0:
-        return False
-    if separator_id is not None and len(ids) and ids[-1] == separator_id:
-        ids = ids[:-1]
-    digest = hashlib.blake2b(ids.astype("<i8").tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
+def _source_digest(data: DataConfig, sources: list[tuple[Source, str | None]], tokenizer: str) -> str:
+    """What decides the output: the data keys that are not runtime, the tokenizer, and every input
+    file's path, size and modification time."""
+    config = data.model_dump(mode="json", exclude={k.split(".", 1)[1] for k in runtime_keys(DataConfig, "data")})
+    files = [
+        (split, str(path), stat.st_size, stat.st_mtime_ns)
+        for source, split in sources
+        for f in source.files
+        for path in ([f.with_suffix(".bin"), f.with_suffix(".idx")] if source.kind == "megatron" else [f])
+        for stat in [path.stat()]
+    ]
+    payload = json.dumps({"config": config, "tokenizer": tokenizer, "files": files}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _tokenized(
-    sources: list[tuple[Source, str | None]], tokenizer: Tokenizer, cfg: DataConfig
-) -> Iterator[tuple[str | None, np.ndarray]]:
-    """Yield ``(fixed_split, ids)`` per document, tokenizing text in batches."""
-    for source, fixed_split in sources:
-        batch: list[str] = []
-        for doc in iter_documents(source, cfg.text_field):
-            if isinstance(doc, np.ndarray):
-                yield fixed_split, doc
-                continue
-            batch.append(doc)
-            if len(batch) == cfg.batch_docs:
-                yield from ((fixed_split, ids) for ids in tokenizer.encode_batch(batch))
-                batch = []
-        if batch:
-            yield from ((fixed_split, ids) for ids in tokenizer.encode_batch(batch))
+def _input_bytes(sources: list[tuple[Source, str | None]]) -> int:
+    return sum(
+        (f.with_suffix(".bin") if source.kind == "megatron" else f).stat().st_size
+        for source, _ in sources
+        for f in source.files
+    )
 
 
-def _check_ids(ids: np.ndarray, vocab_size: int, source_hint: str) -> None:
-    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise KDScaleError(
-            f"{source_hint}: token id {int(ids.max())} outside the tokenizer's vocabulary "
-            f"[0, {vocab_size}); was it tokenized with a different tokenizer?"
-        )
+def _existing(out: Path, data: DataConfig, digest: str) -> TokensManifest | None:
+    """The token set in ``out`` this run continues (None: start a new one); refuses anything else."""
+    if not out.exists():
+        return None
+    if data.overwrite:
+        log.warning("data.overwrite: replacing %s", out)
+        shutil.rmtree(out)
+        return None
+    try:
+        manifest = TokensManifest.load(out)
+    except KDScaleError:
+        manifest = None
+    if manifest is None or manifest.source_digest != digest:
+        made = " with other inputs or data settings" if manifest is not None else ""
+        raise KDScaleError(f"data.out: {str(out)!r} already exists{made} (pass --overwrite to replace it)")
+    return manifest
 
 
 def run(cfg: KDScaleConfig) -> int:
@@ -76,8 +88,6 @@ def run(cfg: KDScaleConfig) -> int:
     if not data.inputs:
         raise KDScaleError("data.inputs: at least one input is required (e.g. --input stdlib:python)")
     out = Path(data.out)
-    if out.exists() and not data.overwrite:
-        raise KDScaleError(f"data.out: {str(out)!r} already exists (pass --overwrite to replace it)")
     sources = [(resolve_source(s), None) for s in data.inputs]
     sources += [(resolve_source(s), "eval") for s in data.eval_inputs]
     tokenizer = Tokenizer(data.tokenizer)
@@ -86,70 +96,78 @@ def run(cfg: KDScaleConfig) -> int:
     if data.separator == "eos" and separator_id is None:
         raise KDScaleError(f"data.separator='eos': tokenizer {data.tokenizer!r} has no EOS token; use 'none'")
     dtype = token_dtype(info.vocab_size)
-
-    with atomic_directory(out, overwrite=data.overwrite) as tmp:
-        manifest = _write_shards(tmp, sources, tokenizer, data, separator_id, dtype)
-        manifest.write(tmp)
-        write_resolved_config(cfg, tmp)
+    units = plan_units(sources, data.text_field, data.unit_bytes)  # may refuse an input
+    digest = _source_digest(data, sources, info.fingerprint)
+    manifest = _existing(out, data, digest)
+    if manifest is not None and manifest.complete:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # left if stopped right at the end
+        log.info("%s is complete (%d train samples); nothing to do", out, manifest.splits["train"].samples)
+        return 0
+    progress = DataProgress.load(out) if manifest is not None else None
+    progress = progress or DataProgress(source_digest=digest, unit_bytes=data.unit_bytes)
+    if progress.unit_bytes != data.unit_bytes:  # the stopped run's units, so its progress holds
+        units = plan_units(sources, data.text_field, progress.unit_bytes)
+    created = manifest is None
+    if created:
+        manifest = TokensManifest(
+            tokenizer=data.tokenizer, tokenizer_fingerprint=info.fingerprint,
+            vocab_size=info.vocab_size, eos_id=separator_id, separator=data.separator,
+            seq_len=data.seq_len, dtype=dtype.str, splits={s: SplitRecord() for s in SPLITS},
+            stats={}, inputs=list(data.inputs) + [f"eval:{s}" for s in data.eval_inputs],
+            complete=False, source_digest=digest,
+        )  # fmt: skip
+        (out / STATE_DIR).mkdir(parents=True)
+    else:
+        log.info("resuming %s after unit %d of %d", out, progress.units_done, len(units))
+    try:
+        manifest.write(out)  # the header, or the stopped run's commits folded in
+        write_resolved_config(cfg, out)
+        expected = _input_bytes(sources) // (2 * data.seq_len) + 1
+        builder = TokenSetBuilder(out, manifest, data, separator_id, dtype, progress, expected)
+        stats = _tokenize(units, builder, data, tokenizer, separator_id, dtype)
+    except KDScaleError:
+        if created:  # bad input: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    manifest.stats = stats
+    manifest.complete = True
+    manifest.write(out)
+    shutil.rmtree(out / STATE_DIR)
     train, held = manifest.splits["train"], manifest.splits["eval"]
     log.info(
         "wrote %s: train %d samples in %d shards, eval %d samples in %d shards (%d tokens/s)",
-        out, train.samples, len(train.shards), held.samples, len(held.shards), manifest.stats["tokens_per_s"],
+        out, train.samples, len(train.shards), held.samples, len(held.shards), stats["tokens_per_s"],
     )
     return 0
 
 
-def _write_shards(
-    tmp: Path,
-    sources: list[tuple[Source, str | None]],
-    tokenizer: Tokenizer,
+def _tokenize(
+    units: list,
+    builder: TokenSetBuilder,
     data: DataConfig,
+    tokenizer: Tokenizer,
     separator_id: int | None,
     dtype: np.dtype,
-) -> TokensManifest:
-    info = tokenizer.info
-    writers = {split: TokenShardWriter(tmp, split, data.shard_samples, dtype) for split in ("train", "eval")}
-    packers = {split: Packer(data.seq_len, separator_id) for split in ("train", "eval")}
-    seen: set[bytes] = set()
-    stats = {"documents": 0, "tokens": 0, "duplicate_samples": 0}
-    start = time.perf_counter()
-    with progress_bar("tokenizing", unit="tok") as bar:
-        for fixed_split, ids in _tokenized(sources, tokenizer, data):
-            _check_ids(ids, info.vocab_size, "data.inputs")
-            held_out = _is_held_out(ids, data.eval_fraction, separator_id)
-            split = fixed_split or ("eval" if held_out else "train")
-            stats["documents"] += 1
-            stats["tokens"] += len(ids)
-            bar.update(len(ids), tokens=len(ids))
-            for sample in packers[split].add(ids):
-                stored = sample.astype(dtype)
-                key = sample_key(stored)
-                if key.encode() in seen:  # identical samples (repeated text) are kept once
-                    stats["duplicate_samples"] += 1
-                    continue
-                seen.add(key.encode())
-                writers[split].write(key, stored)
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    splits = {}
-    for split, writer in writers.items():
-        records = writer.close()
-        splits[split] = SplitRecord(samples=writer.samples, tokens=writer.samples * data.seq_len, shards=records)
-    if splits["train"].samples == 0:
+) -> dict[str, int]:
+    """Tokenize the units not done yet, feed them to ``builder`` in order; the stats."""
+    job = TokenizeJob(
+        encoder=tokenizer.portable(), text_field=data.text_field, batch_docs=data.batch_docs,
+        eval_fraction=data.eval_fraction, separator_id=separator_id,
+        vocab_size=tokenizer.info.vocab_size, dtype=dtype.str,
+    )  # fmt: skip
+    todo = units[builder.units_done :]
+    start, tokens = time.perf_counter(), 0
+    with progress_bar("tokenizing", total=len(units), unit="unit", initial=builder.units_done) as bar:
+        for result in tokenized_units(todo, job, data.workers):
+            builder.add(result)
+            builder.checkpoint()
+            tokens += len(result.ids)
+            bar.update(1, tokens=len(result.ids))
+    stats = builder.finish()
+    if not builder.manifest.splits["train"].samples:
         raise KDScaleError(
             f"data.inputs: {stats['documents']} documents, {stats['tokens']} tokens: not enough for one "
             f"training sample of seq_len+1={data.seq_len + 1} tokens"
         )
-    stats["tokens_dropped"] = sum(p.leftover for p in packers.values())
-    stats["tokens_per_s"] = int(stats["tokens"] / elapsed)
-    return TokensManifest(
-        tokenizer=data.tokenizer,
-        tokenizer_fingerprint=info.fingerprint,
-        vocab_size=info.vocab_size,
-        eos_id=separator_id,
-        separator=data.separator,
-        seq_len=data.seq_len,
-        dtype=dtype.str,
-        splits=splits,
-        stats=stats,
-        inputs=list(data.inputs) + [f"eval:{s}" for s in data.eval_inputs],
-    )
+    stats["tokens_per_s"] = int(tokens / max(time.perf_counter() - start, 1e-9))
+    return stats

@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,35 @@ class Tokenizer:
         """Token ids of each text, without special tokens."""
         backend = getattr(self._tok, "backend_tokenizer", None)
         if backend is not None:  # fast path: Rust, parallel, no length warnings
-            return [np.asarray(enc.ids, dtype=np.int64) for enc in backend.encode_batch(texts, add_special_tokens=False)]
+            return encode_with_backend(backend, texts)
         ids = self._tok(texts, add_special_tokens=False)["input_ids"]
         return [np.asarray(x, dtype=np.int64) for x in ids]
+
+    def portable(self) -> "PortableEncoder":
+        """What another process needs to encode exactly as :meth:`encode_batch` does."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        return PortableEncoder(self.info.name, backend.to_str() if backend is not None else None)
+
+
+def encode_with_backend(backend: Any, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text by a ``tokenizers`` (Rust) tokenizer, without special tokens."""
+    return [np.asarray(enc.ids, dtype=np.int64) for enc in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+@dataclass(frozen=True)
+class PortableEncoder:
+    """A tokenizer as it travels to a worker process: the fast tokenizer's own serialization,
+    loaded there with the light ``tokenizers`` package (no transformers, no torch), or, for a
+    slow tokenizer, its name."""
+
+    name: str
+    backend_json: str | None
+
+    def load(self) -> Callable[[list[str]], list[np.ndarray]]:
+        """``encode_batch`` of this tokenizer."""
+        if self.backend_json is None:
+            return Tokenizer(self.name).encode_batch
+        from tokenizers import Tokenizer as RustTokenizer
+
+        backend = RustTokenizer.from_str(self.backend_json)
+        return lambda texts: encode_with_backend(backend, texts)
