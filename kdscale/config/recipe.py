@@ -10,11 +10,27 @@ from kdscale.stages import RECIPE_STAGES
 RecipeStage = Literal[RECIPE_STAGES]
 
 
+class RecipeSource(Section):
+    """One data input of a recipe that blends several (``recipe.sources``)."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_-]+$",
+        description="Source name: its tokens go to out/tokens/<name>, its cache to out/cache/<name>.",
+    )  # fmt: skip
+    inputs: list[str] = Field(..., min_length=1, description="Its inputs (as data.inputs).")
+    eval_inputs: list[str] = Field(
+        default_factory=list, description="Its held-out inputs (as data.eval_inputs)."
+    )
+    weight: float = Field(
+        ..., gt=0, description="Its share of every training batch (becomes train.sources)."
+    )
+
+
 class RecipeConfig(Section):
     """A recipe run: its stages in order, each writing ``out/<stage output>``.
 
     Stage inputs and outputs left empty in the other sections are wired here: ``data`` writes
-    ``out/tokens``; ``teacher`` imports ``recipe.teacher`` into ``out/teacher``; ``prune`` cuts
+    ``out/tokens`` (with ``sources``: ``out/tokens/<name>`` per source, and ``cache`` likewise); ``teacher`` imports ``recipe.teacher`` into ``out/teacher``; ``prune`` cuts
     it to ``out/pruned``; ``cache`` runs the teacher into ``out/cache``; ``train`` distills the
     pruned model (when pruned) into ``out/student``; ``baseline`` trains the same student with
     the LM loss only into ``out/baseline``; ``export`` writes ``out/hf``; ``report`` evaluates
@@ -27,11 +43,25 @@ class RecipeConfig(Section):
         default_factory=lambda: ["data", "cache", "train", "export"],
         description=f"Stages to run, a subsequence of {', '.join(RECIPE_STAGES)}.",
     )
+    sources: list[RecipeSource] = Field(
+        default_factory=list,
+        description="Several data inputs, each tokenized (with the data section's settings) and "
+        "cached once, trained on as a weighted blend; empty: data.inputs is the one input. A "
+        "changed weight re-runs training only.",
+    )
     teacher: str = Field(
         "",
         description="Teacher HF directory or fixture name: what `teacher` imports for pruning "
         "and, unless cache.teacher.model is set, what the cache runs.",
     )
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_names(cls, sources: list[RecipeSource]) -> list[RecipeSource]:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must differ (got {', '.join(names)})")
+        return sources
 
     @field_validator("stages")
     @classmethod

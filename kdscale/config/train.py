@@ -78,6 +78,23 @@ class DeepSpeedSection(Section):
     )
 
 
+class DataSource(Section):
+    """One source of a weighted blend (``train.sources``): a token set, its cache, its weight."""
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_-]+$", description="Name in metrics (eval/<name>/lm_loss, ...)."
+    )
+    tokens: str = Field(..., min_length=1, description="Token-shard directory of this source.")
+    cache: str | None = Field(
+        None, description="Teacher-target cache of these tokens (all sources or none have one)."
+    )
+    weight: float = Field(
+        ...,
+        gt=0,
+        description="Share of every global batch, relative to the other sources' weights.",
+    )
+
+
 class TrainConfig(Section):
     """Student training: data, batch, optimizer, schedule, checkpoints, evaluation, logging."""
 
@@ -102,6 +119,11 @@ class TrainConfig(Section):
         None,
         description="Teacher-target cache directory (output of `kdscale cache`); None trains "
         "with the LM loss only.",
+    )
+    sources: list[DataSource] = Field(
+        default_factory=list,
+        description="A weighted blend of token sets (instead of train.tokens / train.cache): "
+        "each global batch takes every source's share by weight, within one sample.",
     )
     teacher_fingerprint: str | None = Field(
         None, description="Refuse a cache whose teacher fingerprint differs from this one."
@@ -207,6 +229,18 @@ class TrainConfig(Section):
         if global_batch is not None and global_batch % micro_batch:
             raise ValueError(f"must divide train.global_batch={global_batch}")
         return micro_batch
+
+    @field_validator("sources")
+    @classmethod
+    def _one_kind_of_data(cls, sources: list[DataSource], info: ValidationInfo) -> list[DataSource]:
+        if sources and (info.data.get("tokens") or info.data.get("cache")):
+            raise ValueError("replaces train.tokens and train.cache: set one or the other")
+        if sources and info.data.get("max_samples") is not None:
+            raise ValueError("a blend draws from all of its sources' samples: unset train.max_samples")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must differ (got {', '.join(names)})")
+        return sources
 
     @field_validator("lr")
     @classmethod

@@ -117,11 +117,12 @@ def run_search(cfg: KDScaleConfig) -> dict[str, Any]:
     prune, search = cfg.prune, cfg.prune.search
     ckpt, src, world = prepare(cfg)
     shapes = candidate_shapes(src, search, cfg.parallel, world)
-    if not cfg.train.tokens:
+    if not (cfg.train.tokens or cfg.train.sources):
         raise KDScaleError(
             "prune.search distills each candidate: set train.tokens (and train.cache)"
         )
-    if search.metric == "kl_teacher_tail" and not cfg.train.cache:
+    cached = cfg.train.cache or (cfg.train.sources and all(s.cache for s in cfg.train.sources))
+    if search.metric == "kl_teacher_tail" and not cached:
         raise KDScaleError(
             "prune.search.metric='kl_teacher_tail' needs train.cache (the teacher targets)"
         )

@@ -67,9 +67,27 @@ def student_config(cfg: KDScaleConfig) -> KDScaleConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=pruned), "train": train})
 
 
+def source_configs(cfg: KDScaleConfig) -> list[KDScaleConfig]:
+    """The config of each data input's own ``data`` and ``cache`` runs: the recipe's own config
+    for one input; per ``recipe.sources`` entry, its inputs into ``data.out/<name>`` and its
+    cache into ``cache.out/<name>``."""
+    configs = []
+    for source in cfg.recipe.sources:
+        tokens = str(Path(cfg.data.out) / source.name)
+        data = cfg.data.model_copy(
+            update={"inputs": source.inputs, "eval_inputs": source.eval_inputs, "out": tokens}
+        )
+        cache = cfg.cache.model_copy(update={"tokens": tokens, "out": str(Path(cfg.cache.out) / source.name)})
+        configs.append(cfg.model_copy(update={"data": data, "cache": cache}))
+    return configs or [cfg]
+
+
 def baseline_config(cfg: KDScaleConfig) -> KDScaleConfig:
     """The student's run without teacher targets: same init, data, steps and schedule."""
-    train = cfg.train.model_copy(update={"cache": None, "out": str(baseline_dir(cfg))})
+    sources = [s.model_copy(update={"cache": None}) for s in cfg.train.sources]
+    train = cfg.train.model_copy(
+        update={"cache": None, "sources": sources, "out": str(baseline_dir(cfg))}
+    )
     return student_config(cfg.model_copy(update={"train": train}))
 
 

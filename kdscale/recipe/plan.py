@@ -52,6 +52,14 @@ def _check_paths(cfg: KDScaleConfig) -> None:
         raise KDScaleError("recipe.stages has 'teacher': set recipe.teacher (HF dir or fixture name)")
     if "prune" in stages and "teacher" not in stages and not cfg.prune.model:
         raise KDScaleError("recipe.stages has 'prune' without 'teacher': set prune.model")
+    if recipe.sources and (cfg.data.inputs or cfg.data.eval_inputs):
+        raise KDScaleError(
+            "recipe.sources names every source's inputs: leave data.inputs and data.eval_inputs empty"
+        )
+    if recipe.sources and (cfg.train.tokens or cfg.train.cache):
+        raise KDScaleError(
+            "recipe.sources wires train.sources: leave train.tokens and train.cache empty"
+        )
     needs_tokens = stages & {"prune", "cache", "train", "baseline"}
     if needs_tokens and "data" not in stages and not cfg.data.out:
         raise KDScaleError(
@@ -105,14 +113,22 @@ def wire(cfg: KDScaleConfig) -> KDScaleConfig:
     if recipe.teacher and default(cfg.data, "tokenizer"):
         tree["data"]["tokenizer"] = recipe.teacher
     fill("prune.model", str(root / "teacher"), "teacher" in stages)
-    fill("prune.tokens", data_out)
+    first_tokens = str(Path(data_out) / recipe.sources[0].name) if recipe.sources else data_out
+    fill("prune.tokens", first_tokens)  # calibration on the first source
     fill("prune.out", str(root / "pruned"))
     fill("cache.tokens", data_out)
     fill("cache.out", str(root / "cache"))
     if recipe.teacher and default(cfg.cache.teacher, "model"):
         tree["cache"]["teacher"]["model"] = recipe.teacher
-    fill("train.tokens", data_out)
-    fill("train.cache", tree["cache"]["out"], "cache" in stages)
+    if recipe.sources and not cfg.train.sources:
+        cache_out = tree["cache"]["out"]
+        tree["train"]["sources"] = [
+            {"name": s.name, "tokens": str(Path(data_out) / s.name), "weight": s.weight,
+             "cache": str(Path(cache_out) / s.name) if "cache" in stages else None}
+            for s in recipe.sources
+        ]  # fmt: skip
+    fill("train.tokens", data_out, not recipe.sources)
+    fill("train.cache", tree["cache"]["out"], "cache" in stages and not recipe.sources)
     if cfg.train.engine == "deepspeed":  # the engine starts from train.deepspeed.model
         fill("train.deepspeed.model", tree["prune"]["out"], "prune" in stages)
     else:
@@ -133,12 +149,19 @@ def value_at(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _drop(tree: dict[str, Any], dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.get(part, {})
-    node.pop(leaf, None)
+def _drop(tree: Any, dotted: str) -> None:
+    """Remove a dotted key; ``*`` stands for every item of a list (``train.sources.*.cache``)."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        if isinstance(tree, dict):
+            tree.pop(head, None)
+        return
+    if head == "*":
+        children = tree if isinstance(tree, list) else []
+    else:
+        children = [tree[head]] if isinstance(tree, dict) and head in tree else []
+    for child in children:
+        _drop(child, rest)
 
 
 def decisive_config(spec: StageSpec, cfg: KDScaleConfig) -> dict[str, Any]:
@@ -152,7 +175,12 @@ def decisive_config(spec: StageSpec, cfg: KDScaleConfig) -> dict[str, Any]:
         ignored += [f"model.{f}" for f in checkpoint_fields()]  # the pruned model decides them
     for dotted in ignored:
         _drop(tree, dotted)
-    return {key: value_at(tree, key) for key in decisive}
+    values = {key: value_at(tree, key) for key in decisive}
+    if cfg.recipe.sources and spec.name in ("data", "cache"):  # weights decide training only
+        values["recipe.sources"] = [
+            {k: v for k, v in s.items() if k != "weight"} for s in tree["recipe"]["sources"]
+        ]
+    return values
 
 
 def _digest(decisive: dict[str, Any], upstream: list[str]) -> str:

@@ -30,7 +30,8 @@ def _models(cfg: KDScaleConfig) -> list[tuple[str, Path]]:
     if "prune" in stages:
         rows.append(("pruned, before distillation", pruned_model_dir(cfg)))
     if "train" in stages:
-        rows.append(("distilled student" if cfg.train.cache else "student", Path(cfg.train.out)))
+        distilled = cfg.train.cache or any(s.cache for s in cfg.train.sources)
+        rows.append(("distilled student" if distilled else "student", Path(cfg.train.out)))
     if "baseline" in stages:
         rows.append(("student, LM loss only (no KD)", baseline_dir(cfg)))
     return rows
@@ -44,23 +45,38 @@ def _eval_limit(cfg: KDScaleConfig) -> int | None:
     return cfg.train.eval_batches * cfg.train.global_batch
 
 
+def _held_out(cfg: KDScaleConfig) -> dict[str, tuple[str, str | None]]:
+    """Source name → (tokens, cache) of the held-out data: ``""`` → train.tokens, or every
+    source of a blend."""
+    if not cfg.train.sources:
+        return {"": (cfg.train.tokens, cfg.train.cache)}
+    return {s.name: (s.tokens, s.cache) for s in cfg.train.sources}
+
+
 def evaluate_models(cfg: KDScaleConfig) -> list[dict[str, Any]]:
-    """Held-out metrics of every model of the recipe, on the same samples (one rank)."""
+    """Held-out metrics of every model of the recipe, on the same samples (one rank); a blend's
+    over all its sources' held-out tokens, with each source's under ``sources``."""
     from kdscale.models import count_parameters
     from kdscale.models.checkpoints import read_model_config, read_train_state, resolve_checkpoint
-    from kdscale.train import evaluate_model
+    from kdscale.train import EvalResult, evaluate_model
 
     rows = []
     for label, path in _models(cfg):
         ckpt = resolve_checkpoint(path, label)
-        result = evaluate_model(
-            ckpt, cfg.train.tokens, cache_dir=cfg.train.cache, cache_required=False,
-            loss=cfg.loss, limit=_eval_limit(cfg), micro_batch=cfg.train.micro_batch,
-            verify=cfg.integrity.verify_checksums,
-        )  # fmt: skip
+        results = {
+            name: evaluate_model(
+                ckpt, tokens, cache_dir=cache, cache_required=False, loss=cfg.loss,
+                limit=_eval_limit(cfg), micro_batch=cfg.train.micro_batch,
+                verify=cfg.integrity.verify_checksums,
+            )  # fmt: skip
+            for name, (tokens, cache) in _held_out(cfg).items()
+        }
+        overall = results[""] if "" in results else EvalResult.combine(list(results.values()))
         rows.append({"model": label, "path": str(path), "step": read_train_state(ckpt)["step"],
                      "parameters": count_parameters(read_model_config(ckpt)),
-                     **result.as_dict()})  # fmt: skip
+                     **overall.as_dict()})  # fmt: skip
+        if cfg.train.sources:
+            rows[-1]["sources"] = {name: result.as_dict() for name, result in results.items()}
         log.info("%s: %s", label, json.dumps(rows[-1]))
     return rows
 

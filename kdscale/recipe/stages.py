@@ -20,6 +20,7 @@ from kdscale.recipe.layout import (
     export_dir,
     pruned_model_dir,
     report_dir,
+    source_configs,
     student_config,
     teacher_dir,
 )
@@ -52,7 +53,8 @@ class StageSpec:
 def _run_data(cfg: KDScaleConfig) -> None:
     from kdscale.data.stage import run
 
-    run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"overwrite": True})}))
+    for source in source_configs(cfg):
+        run(source)  # resumes a stopped run; a redo has removed the old output
 
 
 def _run_teacher(cfg: KDScaleConfig) -> None:
@@ -71,7 +73,8 @@ def _run_prune(cfg: KDScaleConfig) -> None:
 def _run_cache(cfg: KDScaleConfig) -> None:
     from kdscale.cache.runner import run
 
-    run(cfg)
+    for source in source_configs(cfg):
+        run(source)
 
 
 def _run_train(cfg: KDScaleConfig) -> None:
@@ -104,7 +107,8 @@ def _tokens_complete(cfg: KDScaleConfig) -> bool:
     from kdscale.data.manifest import load_tokens_manifest
 
     try:
-        load_tokens_manifest(cfg.data.out)
+        for source in source_configs(cfg):
+            load_tokens_manifest(source.data.out)  # refuses an incomplete token set
     except KDScaleError:
         return False
     return True
@@ -125,13 +129,16 @@ def _cache_complete(cfg: KDScaleConfig) -> bool:
     from kdscale.cache.manifest import load_cache_manifest
     from kdscale.data.manifest import load_tokens_manifest
 
-    try:
-        cache = load_cache_manifest(cfg.cache.out)
-        tokens = load_tokens_manifest(cfg.cache.tokens)
-    except KDScaleError:
-        return False
-    wanted = {shard.name for split in tokens.splits.values() for shard in split.shards}
-    return wanted <= set(cache.shards)
+    for source in source_configs(cfg):
+        try:
+            cache = load_cache_manifest(source.cache.out)
+            tokens = load_tokens_manifest(source.cache.tokens)
+        except KDScaleError:
+            return False
+        wanted = {shard.name for split in tokens.splits.values() for shard in split.shards}
+        if not wanted <= set(cache.shards):
+            return False
+    return True
 
 
 def _run_complete(out: str | Path, steps: int) -> bool:
@@ -225,7 +232,8 @@ STAGES: dict[str, StageSpec] = {
             verify=_verify_directory(_latest(lambda cfg: cfg.train.out)),
         ),
         StageSpec(
-            "baseline", "baseline", ("data", "prune"), ("model", "train"), ("train.cache",),
+            "baseline", "baseline", ("data", "prune"), ("model", "train"),
+            ("train.cache", "train.sources.*.cache"),
             lambda cfg: str(baseline_dir(cfg)), _run_train,
             lambda cfg: _run_complete(baseline_dir(cfg), cfg.train.steps), baseline_config,
             verify=_verify_directory(_latest(baseline_dir)),

@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class Progress:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    source_samples: dict[str, int] = field(default_factory=dict)  # a blend's samples per source
 
 
 def _layout() -> dict[str, int | None]:
@@ -262,4 +263,7 @@ def load_checkpoint(
             "resuming %s at layout %s (saved at %s): RNG streams (dropout) start afresh",
             ckpt.name, _layout(), state["layout"],
         )  # fmt: skip
-    return Progress(state["step"], state["consumed_samples"], state["consumed_tokens"])
+    return Progress(
+        state["step"], state["consumed_samples"], state["consumed_tokens"],
+        state.get("source_samples", {}),
+    )  # fmt: skip

@@ -70,6 +70,33 @@ class EvalResult:
         """The result without absent fields."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    @classmethod
+    def combine(cls, results: list["EvalResult"]) -> "EvalResult":
+        """Token-weighted means over several evaluations (the KL figures only if every one has
+        them)."""
+        tokens = sum(r.tokens for r in results)
+
+        def mean(field: str) -> float | None:
+            values = [getattr(r, field) for r in results]
+            if any(v is None for v in values):
+                return None
+            return sum(v * r.tokens for v, r in zip(values, results)) / max(tokens, 1)
+
+        lm = mean("lm_loss")
+        return cls(tokens, lm, perplexity(lm), mean("kl_teacher_tail"), mean("kd_loss"))
+
+
+def eval_metrics(results: dict[str, EvalResult]) -> dict[str, float | int]:
+    """``eval/...`` metrics of each source's evaluation: a run on one token set (source ``""``)
+    as they are; a blend's under ``eval/<source>/...`` and, over all its held-out tokens, under
+    ``eval/...``."""
+    if list(results) == [""]:
+        return {f"eval/{k}": v for k, v in results[""].as_dict().items()}
+    metrics = {f"eval/{k}": v for k, v in EvalResult.combine(list(results.values())).as_dict().items()}
+    for name, result in results.items():
+        metrics |= {f"eval/{name}/{k}": v for k, v in result.as_dict().items()}
+    return metrics
+
 
 def chunk_needs(model: torch.nn.Module, targets: bool) -> Needs:
     """What a model chunk reads: tokens to embed (first stage); labels and targets (last)."""

@@ -11,7 +11,9 @@ read anything. Resuming from ``c`` reproduces the order exactly, whatever the la
 global batch were before.
 
 Samples come from a :class:`kdscale.data.store.TokenStore` (tokens only) or a
-:class:`kdscale.cache.reader.CachedSplit` (tokens and teacher targets). On a GPU the host
+:class:`kdscale.cache.reader.CachedSplit` (tokens and teacher targets). A weighted blend of
+sources (``train.sources``) replaces both the store and the order
+(:mod:`kdscale.train.sources`); the data-parallel slicing is the same. On a GPU the host
 tensors of each micro-batch are pinned by the loader thread, so that :func:`batch_to_device`
 copies them without blocking.
 """
@@ -22,12 +24,12 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from kdscale.cache.targets import SparseTargets
-from kdscale.data.store import TokenStore
 
 
 @dataclass
@@ -56,17 +58,39 @@ class Needs:
 NOTHING = Needs(False, False)
 
 
-class GlobalOrder:
-    """Global position → sample index: a seeded permutation of the split per epoch."""
+class SampleStore(Protocol):
+    """What the loader reads samples from: a :class:`~kdscale.data.store.TokenStore`, a
+    :class:`~kdscale.cache.reader.CachedSplit` or a blend of them
+    (:class:`~kdscale.train.sources.BlendStore`)."""
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    has_targets: bool
+
+    def __len__(self) -> int: ...
+
+    def tokens(self, i: int) -> np.ndarray: ...
+
+    def targets(self, i: int) -> SparseTargets: ...
+
+
+class BatchOrder(Protocol):
+    """Which samples each global batch holds: :class:`GlobalOrder` (one token set) or
+    :class:`~kdscale.train.sources.BlendOrder` (a weighted blend)."""
+
+    def batch(self, consumed: int, global_batch: int) -> np.ndarray: ...
+
+
+class GlobalOrder:
+    """Global position → sample index: a seeded permutation of the split per epoch (``stream``
+    tells apart the orders of several sources under one seed)."""
+
+    def __init__(self, num_samples: int, seed: int, stream: tuple[int, ...] = ()) -> None:
         assert num_samples > 0
-        self.num_samples, self.seed = num_samples, seed
+        self.num_samples, self.seed, self.stream = num_samples, seed, stream
         self._epoch, self._perm = -1, np.empty(0, np.int64)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            rng = np.random.Generator(np.random.PCG64([self.seed, *self.stream, epoch]))
             self._perm, self._epoch = rng.permutation(self.num_samples), epoch
         return self._perm
 
@@ -79,9 +103,13 @@ class GlobalOrder:
             out[sel] = self._permutation(int(epoch))[positions[sel] % self.num_samples]
         return out
 
+    def batch(self, consumed: int, global_batch: int) -> np.ndarray:
+        """The sample indices of the global batch that starts after ``consumed`` samples."""
+        return self.samples(consumed, global_batch)
+
 
 def assemble(
-    store: TokenStore, indices: list[int], needs: Needs, counted: np.ndarray | None = None
+    store: SampleStore, indices: list[int], needs: Needs, counted: np.ndarray | None = None
 ) -> MicroBatch:
     """Read and stack the samples ``indices`` into one micro-batch; ``counted`` (bool per
     sample, default all) becomes the loss mask. Pinned on a GPU machine."""
@@ -138,8 +166,8 @@ class TrainLoader:
 
     def __init__(
         self,
-        store: TokenStore,
-        order: GlobalOrder,
+        store: SampleStore,
+        order: BatchOrder,
         *,
         consumed_samples: int,
         global_batch: int,
@@ -170,7 +198,8 @@ class TrainLoader:
 
     def step_batches(self, consumed: int) -> list[MicroBatch]:
         """The micro-batches of the step that starts after ``consumed`` samples."""
-        indices = self.order.samples(consumed + self.offset, self.share).tolist()
+        batch = self.order.batch(consumed, self.global_batch)
+        indices = batch[self.offset : self.offset + self.share].tolist()
         return [
             assemble(self.store, indices[m : m + self.micro_batch], self.needs)
             for m in range(0, self.share, self.micro_batch)
@@ -212,7 +241,7 @@ class TrainLoader:
 
 
 def eval_batches(
-    store: TokenStore,
+    store: SampleStore,
     limit: int,
     *,
     micro_batch: int,

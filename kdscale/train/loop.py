@@ -33,8 +33,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from kdscale.cache.reader import open_samples
-from kdscale.config import KDScaleConfig, ParallelConfig, TrainConfig, write_resolved_config
+from kdscale.config import KDScaleConfig, ParallelConfig, write_resolved_config
 from kdscale.data.store import TokenStore
 from kdscale.errors import KDScaleError
 from kdscale.logging import get_logger
@@ -45,8 +44,8 @@ from kdscale.progress import progress_bar
 from kdscale.tracking import Tracker, start_tracking
 from kdscale.train.checkpoint import Progress, remove_interrupted_saves
 from kdscale.train.checks import RunInputs
-from kdscale.train.evaluate import EvalResult
-from kdscale.train.loader import GlobalOrder, MicroBatch, Needs, TrainLoader
+from kdscale.train.evaluate import EvalResult, eval_metrics
+from kdscale.train.loader import MicroBatch, Needs, TrainLoader
 from kdscale.train.loss_sums import SUMS
 from kdscale.train.metrics import (
     MetricsSink,
@@ -56,6 +55,7 @@ from kdscale.train.metrics import (
     sum_to_all,
     train_line,
 )
+from kdscale.train.sources import open_run_data
 
 log = get_logger(__name__)
 
@@ -204,10 +204,10 @@ class TrainLoop:
         self.progress = engine.progress
         self.first_step = self.progress.step
         self.kd_weight = cfg.loss.kd_weight if inputs.cache is not None else None  # last step's α
-        self.train_samples, self.eval_samples = _open_samples(train, inputs)
+        self.data = open_run_data(inputs, train.seed, self.progress.source_samples)
         self.loader = TrainLoader(
-            self.train_samples,
-            GlobalOrder(inputs.train_samples, train.seed),
+            self.data.train,
+            self.data.order,
             consumed_samples=self.progress.consumed_samples,
             global_batch=train.global_batch,
             micro_batch=train.micro_batch,
@@ -255,12 +255,17 @@ class TrainLoop:
     def log_start(self) -> None:
         """Say what the student starts from and which samples it trains on."""
         train, inputs = self.train_cfg, self.inputs
-        available = inputs.tokens.splits["train"].samples
+        available = len(self.data.train)
         drawn = (
             f"the first {inputs.train_samples} of {available} training samples (train.max_samples)"
             if train.max_samples is not None else f"{available} training samples"
         )  # fmt: skip
-        epochs = train.steps * train.global_batch / inputs.train_samples
+        if inputs.blend:
+            drawn += " in a blend of " + ", ".join(
+                f"{s.name} ({len(store)}, weight {s.weight:g})"
+                for s, store in zip(inputs.sources, self.data.train.stores)
+            )
+        epochs = train.steps * train.global_batch / (available if inputs.blend else inputs.train_samples)
         log.info("student %s", self.engine.origin)
         log.info("data: %s, %d steps × %d samples = %.3g epochs", drawn, train.steps,
                  train.global_batch, epochs)  # fmt: skip
@@ -276,6 +281,9 @@ class TrainLoop:
         self.progress.step += 1
         self.progress.consumed_samples += self.train_cfg.global_batch
         self.progress.consumed_tokens += self.train_cfg.global_batch * self.seq_len
+        if self.inputs.blend:
+            counts = self.data.order.counts(self.progress.consumed_samples, self.train_cfg.global_batch)
+            self.progress.source_samples = {s.name: c for s, c in zip(self.inputs.sources, counts)}
         self.window.add(result)
 
     def end_of_step(self) -> int:
@@ -349,16 +357,20 @@ class TrainLoop:
         self.refuse_nonfinite(loss_sum, grad_norm_sum)
 
     def evaluate(self) -> None:
-        """Evaluate ``train.eval_batches`` global batches (all of the split by default); log."""
-        if not len(self.eval_samples):
-            return
-        limit = len(self.eval_samples)
-        if self.train_cfg.eval_batches is not None:
-            limit = self.train_cfg.eval_batches * self.train_cfg.global_batch
-        kd_weight = self.kd_weight if self.eval_samples.has_targets else None
-        result = self.engine.evaluate(self.eval_samples, limit, kd_weight)
-        metrics = {f"eval/{k}": v for k, v in result.as_dict().items()}
-        self.sink.write(self.progress.step, metrics, eval_line(metrics))
+        """Evaluate ``train.eval_batches`` global batches (all of the split by default) of each
+        source's eval split; log per source and, for a blend, over all of them."""
+        results = {}
+        for name, samples in self.data.evals.items():
+            if not len(samples):
+                continue
+            limit = len(samples)
+            if self.train_cfg.eval_batches is not None:
+                limit = self.train_cfg.eval_batches * self.train_cfg.global_batch
+            kd_weight = self.kd_weight if samples.has_targets else None
+            results[name] = self.engine.evaluate(samples, limit, kd_weight)
+        if results:
+            metrics = eval_metrics(results)
+            self.sink.write(self.progress.step, metrics, eval_line(metrics))
 
     def save(self) -> None:
         """A checkpoint of this step (collective), never of a model trained on a non-finite loss
@@ -370,23 +382,8 @@ class TrainLoop:
         """Stop the loader thread and the progress bar, close files and the W&B run."""
         self.bar.close()
         self.loader.close()
-        self.train_samples.close()
-        self.eval_samples.close()
+        self.data.close()
         self.sink.close()
-
-
-def _open_samples(train: TrainConfig, inputs: RunInputs) -> tuple[TokenStore, TokenStore]:
-    """The train and eval splits; the eval split carries targets only if all of it is cached."""
-    train_samples = open_samples(train.tokens, inputs.tokens, "train", inputs.cache)
-    eval_cache = None
-    if inputs.cache is not None:
-        split = inputs.tokens.splits.get("eval")
-        names = {s.name for s in split.shards} if split is not None else set()
-        if names <= set(inputs.cache.manifest.shards):
-            eval_cache = inputs.cache
-        elif dist.get_rank() == 0:
-            log.warning("the eval split is not cached: evaluating the LM loss without KL")
-    return train_samples, open_samples(train.tokens, inputs.tokens, "eval", eval_cache)
 
 
 def _run_tracker(cfg: KDScaleConfig, inputs: RunInputs, out: Path) -> Tracker:

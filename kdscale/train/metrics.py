@@ -124,11 +124,18 @@ def train_line(m: dict[str, float]) -> str:
 
 
 def eval_line(m: dict[str, float]) -> str:
-    """The console summary of an evaluation."""
+    """The console summary of an evaluation (and of each source's, for a blend)."""
     text = f"eval: {m['eval/tokens']:,.0f} tokens | lm {m['eval/lm_loss']:.4f}"
     text += f" | ppl {m['eval/ppl']:.2f}"
     if "eval/kl_teacher_tail" in m:
         text += f" | kl_teacher_tail {m['eval/kl_teacher_tail']:.4f} | kd {m['eval/kd_loss']:.4f}"
+    for key in m:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2] == "lm_loss":
+            name = parts[1]
+            text += f" | {name}: lm {m[key]:.4f}"
+            if f"eval/{name}/kl_teacher_tail" in m:
+                text += f" kl_teacher_tail {m[f'eval/{name}/kl_teacher_tail']:.4f}"
     return text
 
 
