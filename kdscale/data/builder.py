@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdscale.config.data import DataConfig
 from kdscale.data.manifest import TokensManifest
@@ -65,7 +65,7 @@ class DataProgress(BaseModel):
     documents: int = 0
     tokens: int = 0
     duplicate_samples: int = 0
-    splits: dict[str, SplitProgress] = {split: SplitProgress() for split in SPLITS}
+    splits: dict[str, SplitProgress] = Field(default_factory=lambda: {s: SplitProgress() for s in SPLITS})
 
     @classmethod
     def load(cls, out: Path) -> "DataProgress | None":

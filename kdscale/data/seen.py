@@ -56,7 +56,8 @@ class SeenKeys:
 
     def _mark(self, positions: np.ndarray) -> None:
         positions = positions.ravel()
-        np.bitwise_or.at(self.bloom, positions >> np.uint64(3), (1 << (positions & np.uint64(7))).astype(np.uint8))
+        bits = (1 << (positions & np.uint64(7))).astype(np.uint8)
+        np.bitwise_or.at(self.bloom, positions >> np.uint64(3), bits)
 
     def restore(self, count: int) -> None:
         """Go back to the first ``count`` keys added (dropping later ones, runs included)."""

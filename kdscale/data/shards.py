@@ -133,9 +133,8 @@ class TokenShardWriter:
         path = self.out_dir / self.name(self.index)
         os.replace(self.partial_path(self.index), path)
         fsync_dir(self.out_dir)
-        self.commit(
-            ShardRecord(name=path.name, samples=self.count, bytes=path.stat().st_size, sha256=sha256_file(path))
-        )
+        size, digest = path.stat().st_size, sha256_file(path)
+        self.commit(ShardRecord(name=path.name, samples=self.count, bytes=size, sha256=digest))
         self.index, self.count = self.index + 1, 0
 
     def close(self) -> None:

@@ -121,9 +121,8 @@ def jsonl_documents(path: Path, field: str, start: int = 0, end: int | None = No
                 where = f"{path}:{_line_number(path, offset)}"
                 raise KDScaleError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
             if not isinstance(record, dict) or field not in record:
-                raise KDScaleError(
-                    f"{path}:{_line_number(path, offset)}: record has no field {field!r} (set data.text_field)"
-                )
+                where = f"{path}:{_line_number(path, offset)}"
+                raise KDScaleError(f"{where}: record has no field {field!r} (set data.text_field)")
             if not isinstance(record[field], str):
                 raise KDScaleError(f"{path}:{_line_number(path, offset)}: field {field!r} is not a string")
             yield record[field]

@@ -14,10 +14,13 @@ kept), or does nothing when the token set is complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,8 @@ log = get_logger(__name__)
 def _source_digest(data: DataConfig, sources: list[tuple[Source, str | None]], tokenizer: str) -> str:
     """What decides the output: the data keys that are not runtime, the tokenizer, and every input
     file's path, size and modification time."""
-    config = data.model_dump(mode="json", exclude={k.split(".", 1)[1] for k in runtime_keys(DataConfig, "data")})
+    runtime = {key.split(".", 1)[1] for key in runtime_keys(DataConfig, "data")}
+    config = data.model_dump(mode="json", exclude=runtime)
     files = [
         (split, str(path), stat.st_size, stat.st_mtime_ns)
         for source, split in sources
@@ -78,6 +82,18 @@ def _existing(out: Path, data: DataConfig, digest: str) -> TokensManifest | None
         made = " with other inputs or data settings" if manifest is not None else ""
         raise KDScaleError(f"data.out: {str(out)!r} already exists{made} (pass --overwrite to replace it)")
     return manifest
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: Path) -> Iterator[None]:
+    """One `kdscale data` per output directory at a time."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KDScaleError(f"data.out: {state_dir.parent} is in use by another `kdscale data`") from None
+        yield
 
 
 def run(cfg: KDScaleConfig) -> int:
@@ -116,15 +132,16 @@ def run(cfg: KDScaleConfig) -> int:
             stats={}, inputs=list(data.inputs) + [f"eval:{s}" for s in data.eval_inputs],
             complete=False, source_digest=digest,
         )  # fmt: skip
-        (out / STATE_DIR).mkdir(parents=True)
+        out.mkdir(parents=True)
     else:
         log.info("resuming %s after unit %d of %d", out, progress.units_done, len(units))
     try:
-        manifest.write(out)  # the header, or the stopped run's commits folded in
-        write_resolved_config(cfg, out)
-        expected = _input_bytes(sources) // (2 * data.seq_len) + 1
-        builder = TokenSetBuilder(out, manifest, data, separator_id, dtype, progress, expected)
-        stats = _tokenize(units, builder, data, tokenizer, separator_id, dtype)
+        with _exclusive(out / STATE_DIR):
+            manifest.write(out)  # the header, or the stopped run's commits folded in
+            write_resolved_config(cfg, out)
+            expected = _input_bytes(sources) // (2 * data.seq_len) + 1
+            builder = TokenSetBuilder(out, manifest, data, separator_id, dtype, progress, expected)
+            stats = _tokenize(units, builder, data, tokenizer, separator_id, dtype)
     except KDScaleError:
         if created:  # bad input: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -157,7 +174,8 @@ def _tokenize(
     )  # fmt: skip
     todo = units[builder.units_done :]
     start, tokens = time.perf_counter(), 0
-    with progress_bar("tokenizing", total=len(units), unit="unit", initial=builder.units_done) as bar:
+    bar = progress_bar("tokenizing", total=len(units), unit="unit", initial=builder.units_done)
+    with bar:
         for result in tokenized_units(todo, job, data.workers):
             builder.add(result)
             builder.checkpoint()

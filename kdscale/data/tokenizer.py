@@ -92,7 +92,8 @@ class Tokenizer:
 
 def encode_with_backend(backend: Any, texts: list[str]) -> list[np.ndarray]:
     """Token ids of each text by a ``tokenizers`` (Rust) tokenizer, without special tokens."""
-    return [np.asarray(enc.ids, dtype=np.int64) for enc in backend.encode_batch(texts, add_special_tokens=False)]
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
 
 
 @dataclass(frozen=True)

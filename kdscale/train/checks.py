@@ -228,7 +228,9 @@ def _check_resume_blend(
                 )
 
 
-def _check_source(cfg: KDScaleConfig, name: str, weight: float, tokens_dir: str, cache_dir: str | None) -> RunSource:
+def _check_source(
+    cfg: KDScaleConfig, name: str, weight: float, tokens_dir: str, cache_dir: str | None
+) -> RunSource:
     """One source's token set and cache, checked against the model, the loss and each other."""
     where = f"train.sources[{name}]." if name else "train."
     tokens = check_tokens(tokens_dir, cfg.model, f"{where}tokens")
