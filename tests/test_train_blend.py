@@ -131,8 +131,8 @@ def _variant(tokens: Path, root: Path, name: str, **changes) -> Path:
     return out
 
 
-def _refused(capsys: pytest.CaptureFixture[str], out: Path, sources: list[dict]) -> str:
-    args = ["train", "--out", str(out), "--set", f"train.sources={json.dumps(sources)}"]
+def _refused(capsys: pytest.CaptureFixture[str], out: Path, sources: list[dict], *extra: str) -> str:
+    args = ["train", "--out", str(out), "--set", f"train.sources={json.dumps(sources)}", *extra]
     for item in MODEL:
         args += ["--set", item]
     status = main(args)
@@ -171,6 +171,10 @@ def test_bad_blends_are_refused_before_any_work(
     assert "incomplete token set" in err and str(unfinished) in err
     err = _refused(capsys, out, [web, code(tiny_tokens_dir, None)])
     assert "web have a cache, code do not" in err
+    err = _refused(capsys, out, [web, code(tiny_tokens_dir)], "--set", "train.max_samples=4")
+    assert "train.max_samples=4: train.sources" in err and "replaces it" in err
+    err = _refused(capsys, out, [web, {**web, "weight": 1}])
+    assert "train.sources=['web', 'web']: source names must differ" in err
 
 
 # --- a blended recipe, trained at two layouts, stopped and resumed --------------------------------

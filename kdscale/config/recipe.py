@@ -2,9 +2,9 @@
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from kdscale.config.base import Section
+from kdscale.config.base import InvalidKey, Section
 from kdscale.stages import RECIPE_STAGES
 
 RecipeStage = Literal[RECIPE_STAGES]
@@ -55,13 +55,12 @@ class RecipeConfig(Section):
         "and, unless cache.teacher.model is set, what the cache runs.",
     )
 
-    @field_validator("sources")
-    @classmethod
-    def _distinct_names(cls, sources: list[RecipeSource]) -> list[RecipeSource]:
-        names = [s.name for s in sources]
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "RecipeConfig":
+        names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must differ (got {', '.join(names)})")
-        return sources
+            raise InvalidKey("sources", names, "source names must differ")
+        return self
 
     @field_validator("stages")
     @classmethod

@@ -230,17 +230,21 @@ class TrainConfig(Section):
             raise ValueError(f"must divide train.global_batch={global_batch}")
         return micro_batch
 
-    @field_validator("sources")
-    @classmethod
-    def _one_kind_of_data(cls, sources: list[DataSource], info: ValidationInfo) -> list[DataSource]:
-        if sources and (info.data.get("tokens") or info.data.get("cache")):
-            raise ValueError("replaces train.tokens and train.cache: set one or the other")
-        if sources and info.data.get("max_samples") is not None:
-            raise ValueError("a blend draws from all of its sources' samples: unset train.max_samples")
-        names = [s.name for s in sources]
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> "TrainConfig":
+        if not self.sources:
+            return self
+        for key in ("tokens", "cache", "max_samples"):
+            value = getattr(self, key)
+            if value:
+                raise InvalidKey(
+                    key, value, "train.sources (a blend of all its sources' samples) replaces it; "
+                    "set one or the other",
+                )  # fmt: skip
+        names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"source names must differ (got {', '.join(names)})")
-        return sources
+            raise InvalidKey("sources", names, "source names must differ")
+        return self
 
     @field_validator("lr")
     @classmethod
