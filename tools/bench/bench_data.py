@@ -17,9 +17,10 @@ Prints JSON lines:
   workers are single-threaded each;
 - ``stream`` (with ``--stream-gb``): a generated .jsonl (documents of random real words) and
   the same as .parquet (row groups of about 50 MB) tokenized by `kdscale data` in a subprocess;
-  peak RSS of the whole process tree (driver + workers, sampled every 0.2 s) and of the driver
-  alone (goal: < 1 GB). ``--stream-seconds`` stops each run (SIGKILL) after that long and
-  reports the share of the input it had finished (``progress.json``).
+  peak RSS of the whole process tree (driver + workers, sampled every 0.2 s; the sum counts
+  pages the processes share once per process), its peak PSS (shared pages split between the
+  processes: the tree's real footprint) and the driver's RSS alone (goal: < 1 GB). ``--stream-seconds`` stops each run (SIGKILL) after that long and
+  reports the units it had finished (``progress.json``) out of the input's.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ sys.path.insert(0, str(REPO))
 
 from kdscale.cache.manifest import CacheHeader, CacheManifest, CacheShardRecord, Fidelity  # noqa: E402
 from kdscale.cli import main as kdscale  # noqa: E402
+from kdscale.config.data import DataConfig  # noqa: E402
 from kdscale.data.builder import DataProgress  # noqa: E402
 from kdscale.data.manifest import ShardRecord, SplitRecord, TokensManifest, load_tokens_manifest  # noqa: E402
 from kdscale.data.sources import resolve_source  # noqa: E402
+from kdscale.data.units import plan_units  # noqa: E402
 
 FIDELITY = Fidelity(positions=4096, covered_mass_mean=0.93, covered_mass_min=0.41, kl_mean=0.012,
                     kl_max=0.9, tv_mean=0.05, support_mean=64.0, quant_kl_mean=1e-4)  # fmt: skip
@@ -200,7 +203,7 @@ def _peak_rss(command: list[str], seconds: float) -> dict[str, float]:
 
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
-    tree_peak = driver_peak = 0
+    tree_peak = driver_peak = tree_pss_peak = 0
     deadline = time.monotonic() + (seconds or float("inf"))
     while proc.poll() is None:
         if time.monotonic() > deadline:
@@ -211,24 +214,28 @@ def _peak_rss(command: list[str], seconds: float) -> dict[str, float]:
             break
         try:
             procs = [root, *root.children(recursive=True)]
-            rss = [p.memory_info().rss for p in procs]
+            memory = [p.memory_full_info() for p in procs]
         except psutil.NoSuchProcess:
             continue
+        rss = [m.rss for m in memory]
         tree_peak, driver_peak = max(tree_peak, sum(rss)), max(driver_peak, rss[0])
+        tree_pss_peak = max(tree_pss_peak, sum(m.pss for m in memory))
         time.sleep(0.2)
     else:
         assert proc.returncode == 0, f"{command} failed"
-    return {"tree_rss_gib": round(tree_peak / 2**30, 3), "driver_rss_gib": round(driver_peak / 2**30, 3)}
+    return {"tree_rss_gib": round(tree_peak / 2**30, 3), "tree_pss_gib": round(tree_pss_peak / 2**30, 3),
+            "driver_rss_gib": round(driver_peak / 2**30, 3)}  # fmt: skip
 
 
-def _done(out: Path, input_bytes: int) -> dict[str, object]:
-    """How far the run in ``out`` got: the whole input, or the units of a stopped run."""
-    progress = DataProgress.load(out)
-    if progress is None:
-        manifest = load_tokens_manifest(out)
+def _done(out: Path, path: Path) -> dict[str, object]:
+    """How far the run of ``path`` into ``out`` got: all of it, or the units of a stopped run."""
+    manifest = TokensManifest.load(out)
+    if manifest.complete:
         return {"finished": True, "tokens": manifest.stats["tokens"], "tokens_per_s": manifest.stats["tokens_per_s"]}
-    return {"finished": False, "units_done": progress.units_done, "tokens": progress.tokens,
-            "input_share_done": round(min(progress.units_done * progress.unit_bytes / input_bytes, 1.0), 3)}  # fmt: skip
+    progress = DataProgress.load(out)  # None: stopped before its first unit finished
+    done, tokens = (progress.units_done, progress.tokens) if progress else (0, 0)
+    units = plan_units([(resolve_source(str(path)), None)], "text", DataConfig().unit_bytes)
+    return {"finished": False, "units_done": done, "units": len(units), "tokens": tokens}
 
 
 def bench_stream(gigabytes: float, workers: int, formats: list[str], seconds: float) -> None:
@@ -246,7 +253,7 @@ def bench_stream(gigabytes: float, workers: int, formats: list[str], seconds: fl
             peaks = _peak_rss(command, seconds)
             print(json.dumps({"bench": "stream", "input": path.suffix[1:], "input_gb": round(path.stat().st_size / 1e9, 2),
                               "generated_jsonl_gb": round(size / 1e9, 2), "workers": workers,
-                              **_done(out, path.stat().st_size), "wall_s": round(time.perf_counter() - start, 1),
+                              **_done(out, path), "wall_s": round(time.perf_counter() - start, 1),
                               **peaks, "goal": "< 1 GiB"}), flush=True)  # fmt: skip
             shutil.rmtree(out)  # room for the next input
 
