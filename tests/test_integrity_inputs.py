@@ -157,7 +157,7 @@ def _hold_lock(directory: Path) -> subprocess.Popen:
     return holder
 
 
-@pytest.mark.parametrize("command", ["train", "run", "cache"])
+@pytest.mark.parametrize("command", ["train", "run", "cache", "data"])
 def test_a_second_writer_of_a_directory_is_refused(
     tmp_path, tiny_tokens_dir, tiny_teacher_dir, capsys, command
 ):
@@ -170,6 +170,9 @@ def test_a_second_writer_of_a_directory_is_refused(
         "run": (["run", str(recipe)], tmp_path / "r" / ".kdscale-run"),
         "cache": (["cache", "--tokens", str(tiny_tokens_dir), "--out", str(tmp_path / "c"),
                    "--teacher", str(tiny_teacher_dir)], tmp_path / "c"),
+        "data": (["data", "--input", "stdlib:python/json/tool.py", "--tokenizer",
+                  str(tiny_teacher_dir), "--seq-len", "32", "--out", str(tmp_path / "d")],
+                 tmp_path / "d"),
     }[command]  # fmt: skip
     holder = _hold_lock(locked)
     try:

@@ -140,3 +140,63 @@ def test_incomplete_token_set_is_refused_to_readers(tmp_path: Path) -> None:
     manifest.complete = True
     manifest.write(tmp_path)
     assert load_tokens_manifest(tmp_path).splits["train"].samples == 21
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_manifest_json_under_a_log_is_still_checked_against_its_fingerprint(
+    tmp_path: Path, kind: str
+) -> None:
+    """The seal holds in both forms: manifest.json by its fingerprint, each record by its
+    checksum and its schema; the fold re-seals the whole."""
+    make, commit, cls = KINDS[kind]
+    manifest = make()
+    manifest.write(tmp_path)
+    commit(manifest, tmp_path, range(2))
+    path = tmp_path / MANIFEST_NAME
+    sealed = path.read_text()
+    field = '"vocab_size": 100' if kind == "tokens" else '"tokens_dir": "/tokens"'
+    edited = '"vocab_size": 101' if kind == "tokens" else '"tokens_dir": "/elsewhere"'
+    path.write_text(sealed.replace(field, edited))
+    if kind == "tokens":  # a trusted field: refused although the log is intact
+        with pytest.raises(KDScaleError, match="fingerprint does not match its contents"):
+            cls.load(tmp_path)
+    else:  # tokens_dir is UNSIGNED (where the tokens were), so the edit is allowed
+        assert cls.load(tmp_path).tokens_dir == "/elsewhere"
+    path.write_text(sealed.replace('"fingerprint"', '"_fingerprint"'))
+    with pytest.raises(KDScaleError, match="damaged manifest|fingerprint is missing"):
+        cls.load(tmp_path)
+    path.write_text(sealed)
+    folded = cls.load(tmp_path)
+    folded.write(tmp_path)  # fold and re-seal
+    assert not (tmp_path / LOG_NAME).exists() and cls.load(tmp_path) == folded
+
+
+def test_a_checksummed_record_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    from kdscale.manifest import append_record
+
+    manifest = tokens_manifest()
+    manifest.write(tmp_path)
+    bad = {"split": "train", "index": 0, "shard": token_shard(0).model_dump() | {"samples": "many"}}
+    append_record(tmp_path / LOG_NAME, bad)  # a valid checksum does not make a record trusted
+    good = {"split": "train", "index": 1, "shard": token_shard(1).model_dump()}
+    append_record(tmp_path / LOG_NAME, good)
+    with pytest.raises(KDScaleError, match="damaged record"):
+        TokensManifest.load(tmp_path)
+    (tmp_path / LOG_NAME).unlink()
+    append_record(tmp_path / LOG_NAME, ["not", "a", "record"])  # type: ignore[arg-type]
+    append_record(tmp_path / LOG_NAME, good | {"index": 0})
+    with pytest.raises(KDScaleError, match="commit record 1 is not an object"):
+        TokensManifest.load(tmp_path)
+
+
+def test_complete_is_sealed_and_source_digest_is_not(tmp_path: Path) -> None:
+    manifest = tokens_manifest()
+    manifest.write(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    sealed = path.read_text()
+    path.write_text(sealed.replace('"complete": false', '"complete": true'))
+    with pytest.raises(KDScaleError, match="fingerprint does not match its contents"):
+        load_tokens_manifest(tmp_path)
+    moved = tokens_manifest()
+    moved.source_digest = "other inputs, same samples"
+    assert moved.fingerprint == manifest.fingerprint  # provenance, like `inputs`: not identity

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdscale.config.data import DataConfig
 from kdscale.data.manifest import TokensManifest
@@ -34,7 +34,7 @@ from kdscale.data.seen import SeenKeys
 from kdscale.data.shards import TokenShardWriter, sample_key
 from kdscale.data.tokenize import TokenizedUnit
 from kdscale.errors import KDScaleError
-from kdscale.io import atomic_write_text
+from kdscale.io import atomic_write_text, read_json
 from kdscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -71,7 +71,15 @@ class DataProgress(BaseModel):
     def load(cls, out: Path) -> "DataProgress | None":
         """The progress of a stopped run in ``out``, or None when none was recorded."""
         path = out / STATE_DIR / "progress.json"
-        return cls.model_validate_json(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate(read_json(path, "data progress"))
+        except ValidationError as exc:
+            raise KDScaleError(
+                f"data progress {str(path)!r} is damaged ({str(exc).splitlines()[0]}); pass "
+                "--overwrite to start over"
+            ) from None
 
     def save(self, out: Path) -> None:
         """Write ``progress.json`` atomically."""

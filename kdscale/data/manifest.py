@@ -42,7 +42,9 @@ class TokensManifest(Manifest):
 
     FORMAT = "kdscale.tokens/1"
     PRODUCER = "kdscale data"
-    UNSIGNED = frozenset({"tokenizer", "stats", "inputs"})  # names and run statistics
+    # Names, run statistics and provenance: the fingerprint is the token set's identity, so the
+    # same samples from other input files or paths (``source_digest``) have the same fingerprint.
+    UNSIGNED = frozenset({"tokenizer", "stats", "inputs", "source_digest"})
     format: str = FORMAT
     tokenizer: str
     tokenizer_fingerprint: str

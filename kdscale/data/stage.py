@@ -15,12 +15,10 @@ kept), or does nothing when the token set is complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from kdscale.data.tokenize import TokenizeJob, tokenized_units
 from kdscale.data.tokenizer import Tokenizer
 from kdscale.data.units import plan_units
 from kdscale.errors import KDScaleError
+from kdscale.locks import LOCK_NAME, exclusive_directory
 from kdscale.logging import get_logger
 from kdscale.progress import progress_bar
 
@@ -66,13 +65,25 @@ def _input_bytes(sources: list[tuple[Source, str | None]]) -> int:
     )
 
 
+def _clear(out: Path) -> None:
+    """Remove everything in ``out`` but the lock this process holds on it."""
+    for path in out.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _existing(out: Path, data: DataConfig, digest: str) -> TokensManifest | None:
-    """The token set in ``out`` this run continues (None: start a new one); refuses anything else."""
-    if not out.exists():
+    """The token set in ``out`` this run continues (None: start a new one); refuses anything else.
+    Called under ``out``'s lock, which is all a new output directory holds."""
+    if not [p for p in out.iterdir() if p.name != LOCK_NAME]:
         return None
     if data.overwrite:
         log.warning("data.overwrite: replacing %s", out)
-        shutil.rmtree(out)
+        _clear(out)
         return None
     try:
         manifest = TokensManifest.load(out)
@@ -82,18 +93,6 @@ def _existing(out: Path, data: DataConfig, digest: str) -> TokensManifest | None
         made = " with other inputs or data settings" if manifest is not None else ""
         raise KDScaleError(f"data.out: {str(out)!r} already exists{made} (pass --overwrite to replace it)")
     return manifest
-
-
-@contextlib.contextmanager
-def _exclusive(state_dir: Path) -> Iterator[None]:
-    """One `kdscale data` per output directory at a time."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / "lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KDScaleError(f"data.out: {state_dir.parent} is in use by another `kdscale data`") from None
-        yield
 
 
 def run(cfg: KDScaleConfig) -> int:
@@ -114,6 +113,22 @@ def run(cfg: KDScaleConfig) -> int:
     dtype = token_dtype(info.vocab_size)
     units = plan_units(sources, data.text_field, data.unit_bytes)  # may refuse an input
     digest = _source_digest(data, sources, info.fingerprint)
+    with exclusive_directory(out, "data.out", "kdscale data"):  # one driver per output directory
+        return _build(cfg, out, units, sources, digest, tokenizer, separator_id, dtype)
+
+
+def _build(
+    cfg: KDScaleConfig,
+    out: Path,
+    units: list,
+    sources: list[tuple[Source, str | None]],
+    digest: str,
+    tokenizer: Tokenizer,
+    separator_id: int | None,
+    dtype: np.dtype,
+) -> int:
+    """Start, resume or confirm the token set in ``out`` (whose lock this process holds)."""
+    data, info = cfg.data, tokenizer.info
     manifest = _existing(out, data, digest)
     if manifest is not None and manifest.complete:
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # left if stopped right at the end
@@ -132,19 +147,22 @@ def run(cfg: KDScaleConfig) -> int:
             stats={}, inputs=list(data.inputs) + [f"eval:{s}" for s in data.eval_inputs],
             complete=False, source_digest=digest,
         )  # fmt: skip
-        out.mkdir(parents=True)
     else:
         log.info("resuming %s after unit %d of %d", out, progress.units_done, len(units))
     try:
-        with _exclusive(out / STATE_DIR):
-            manifest.write(out)  # the header, or the stopped run's commits folded in
-            write_resolved_config(cfg, out)
-            expected = _input_bytes(sources) // (2 * data.seq_len) + 1
-            builder = TokenSetBuilder(out, manifest, data, separator_id, dtype, progress, expected)
-            stats = _tokenize(units, builder, data, tokenizer, separator_id, dtype)
-    except KDScaleError:
-        if created:  # bad input: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
+        (out / STATE_DIR).mkdir(exist_ok=True)
+        manifest.write(out)  # the header, or the stopped run's commits folded in
+        write_resolved_config(cfg, out)
+        expected = _input_bytes(sources) // (2 * data.seq_len) + 1
+        builder = TokenSetBuilder(out, manifest, data, separator_id, dtype, progress, expected)
+        stats = _tokenize(units, builder, data, tokenizer, separator_id, dtype)
+    except Exception as exc:
+        # Bad input leaves nothing behind, nor does a failure (a full disk) before the first
+        # commit; after one, a stopped run's work is kept for the same command to resume.
+        committed = any(split.shards for split in manifest.splits.values())
+        if created and (isinstance(exc, KDScaleError) or not committed):
+            with contextlib.suppress(OSError):
+                _clear(out)
         raise
     manifest.stats = stats
     manifest.complete = True
