@@ -103,7 +103,10 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 f"{path}: commit record {number} of {len(complete)} is damaged (checksum "
                 "mismatch); the manifest cannot be trusted"
             )
-        record = json.loads(payload)
+        try:
+            record = json.loads(payload)
+        except ValueError:  # incl. UnicodeDecodeError: a checksummed line that is not JSON
+            record = None
         if not isinstance(record, dict):
             raise KDScaleError(f"{path}: commit record {number} is not an object; the manifest "
                                "cannot be trusted")

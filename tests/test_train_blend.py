@@ -280,3 +280,22 @@ def test_blend_at_another_layout_stopped_and_resumed_repeats_the_losses(blend: P
     state = read_train_state(latest_checkpoint(blend / "dp2"))
     assert state["step"] == 6 and sum(state["source_samples"].values()) == 6 * 4
     assert state["source_samples"] == {"web": 18, "code": 6}  # 3 : 1 of every batch of 4
+
+
+def test_verify_checks_every_source_of_a_blended_recipe(blend: Path, tiny_teacher_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`kdscale run --verify` checks each source's token set and cache (data.out/<name>,
+    cache.out/<name>), not the parent directories."""
+    recipe = _blend_recipe(blend, tiny_teacher_dir, ["data", "cache"])
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--verify", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("complete, config unchanged, verified") == 2
+    shard = sorted((blend / "run" / "tokens" / "code").glob("train-*.tar"))[0]
+    blob = shard.read_bytes()
+    try:
+        shard.write_bytes(blob[:600] + bytes([blob[600] ^ 1]) + blob[601:])
+        assert main(["run", str(recipe), "--verify", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert shard.name in err and "damaged since it completed" in err
+    finally:
+        shard.write_bytes(blob)

@@ -158,23 +158,31 @@ def _verify_tokens(cfg: KDScaleConfig) -> list[str]:
     from kdscale.data.manifest import load_tokens_manifest
     from kdscale.data.shards import shard_problems
 
-    try:
-        manifest = load_tokens_manifest(cfg.data.out)
-    except KDScaleError as exc:
-        return [str(exc)]
-    shards = [s for split in manifest.splits.values() for s in split.shards]
-    return shard_problems(cfg.data.out, shards, "token shard")
+    problems = []
+    for source in source_configs(cfg):  # one token set per recipe.sources entry (or just one)
+        try:
+            manifest = load_tokens_manifest(source.data.out)
+        except KDScaleError as exc:
+            problems.append(str(exc))
+            continue
+        shards = [s for split in manifest.splits.values() for s in split.shards]
+        problems += shard_problems(source.data.out, shards, "token shard")
+    return problems
 
 
 def _verify_cache(cfg: KDScaleConfig) -> list[str]:
     from kdscale.cache.manifest import load_cache_manifest
     from kdscale.data.shards import shard_problems
 
-    try:
-        manifest = load_cache_manifest(cfg.cache.out)
-    except KDScaleError as exc:
-        return [str(exc)]
-    return shard_problems(cfg.cache.out, list(manifest.shards.values()), "cache shard")
+    problems = []
+    for source in source_configs(cfg):
+        try:
+            manifest = load_cache_manifest(source.cache.out)
+        except KDScaleError as exc:
+            problems.append(str(exc))
+            continue
+        problems += shard_problems(source.cache.out, list(manifest.shards.values()), "cache shard")
+    return problems
 
 
 def _verify_directory(path: Callable[[KDScaleConfig], Path]) -> Callable[[KDScaleConfig], list[str]]:
