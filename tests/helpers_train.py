@@ -19,6 +19,15 @@ from kdscale.models.checkpoints import latest_checkpoint, read_train_state
 REPO = Path(__file__).resolve().parents[1]
 
 
+# --set items of a tiny student for `kdscale train` checks that stop before training.
+TINY_TRAIN_SETS = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=49152",
+    "model.max_position_embeddings=64", "train.global_batch=4", "train.micro_batch=2",
+    "wandb.enabled=false",
+]  # fmt: skip
+
+
 def overrides(values: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in values.items()]
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from helpers_train import assert_close, metrics
+from helpers_train import TINY_TRAIN_SETS, assert_close, metrics
 
 from kdscale.cli import main
 from kdscale.data.manifest import TokensManifest, load_tokens_manifest
@@ -112,13 +112,6 @@ def test_data_parallel_ranks_split_each_blended_batch(tiny_tokens_dir: Path) -> 
 
 # --- refused blends ------------------------------------------------------------------------------
 
-MODEL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
-    "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=49152",
-    "model.max_position_embeddings=64", "train.global_batch=4", "train.micro_batch=2",
-    "wandb.enabled=false",
-]  # fmt: skip
-
 
 def _variant(tokens: Path, root: Path, name: str, **changes) -> Path:
     """A copy of a token set with manifest fields changed (written with a valid fingerprint)."""
@@ -133,7 +126,7 @@ def _variant(tokens: Path, root: Path, name: str, **changes) -> Path:
 
 def _refused(capsys: pytest.CaptureFixture[str], out: Path, sources: list[dict], *extra: str) -> str:
     args = ["train", "--out", str(out), "--set", f"train.sources={json.dumps(sources)}", *extra]
-    for item in MODEL:
+    for item in TINY_TRAIN_SETS:
         args += ["--set", item]
     status = main(args)
     err = capsys.readouterr().err.strip()

@@ -15,13 +15,7 @@ import torch
 
 from kdscale.cache.manifest import CacheManifest
 from kdscale.cli import main
-
-MODEL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176",
-    "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=49152",
-    "model.max_position_embeddings=64", "train.global_batch=4", "train.micro_batch=2",
-    "wandb.enabled=false",
-]  # fmt: skip
+from tests.helpers_train import TINY_TRAIN_SETS
 
 
 def refused(capsys: pytest.CaptureFixture[str], out: Path, tokens: Path, cache: Path | None,
@@ -29,7 +23,7 @@ def refused(capsys: pytest.CaptureFixture[str], out: Path, tokens: Path, cache: 
     args = ["train", "--tokens", str(tokens), "--out", str(out)]
     if cache is not None:
         args += ["--cache", str(cache)]
-    for item in [*MODEL, *sets]:
+    for item in [*TINY_TRAIN_SETS, *sets]:
         args += ["--set", item]
     status = main(args)
     err = capsys.readouterr().err.strip()
