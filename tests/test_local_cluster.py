@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -46,6 +48,23 @@ def test_hosts_are_separate_machines_on_a_private_network(local_cluster: LocalCl
         nodes = json.load(reply)["data"]["summary"]
     alive = sorted(n["raylet"]["nodeManagerHostname"] for n in nodes if n["raylet"]["state"] == "ALIVE")
     assert alive == list(local_cluster.hosts)
+
+
+def test_folders_under_tmp_can_be_shared_with_every_host(
+    local_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repo cloned under /tmp, or a folder in KDSCALE_CLUSTER_SHARED, is seen at the same path."""
+    shared = Path(tempfile.mkdtemp(prefix="kdscale-shared-", dir="/tmp"))
+    try:
+        (shared / "probe.txt").write_text("shared under /tmp\n")
+        unshared = local_cluster.run_on(local_cluster.head, "cat", str(shared / "probe.txt"), timeout=60)
+        assert unshared.returncode != 0  # the host's own /tmp
+        monkeypatch.setenv("KDSCALE_CLUSTER_SHARED", f"/var/nothing-here:{shared}")
+        for host in local_cluster.hosts:
+            proc = local_cluster.run_on(host, "cat", str(shared / "probe.txt"), timeout=60)
+            assert proc.stdout == "shared under /tmp\n", proc.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 def _leftovers() -> list[str]:

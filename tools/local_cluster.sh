@@ -66,9 +66,17 @@ existing_hosts() { ip netns list | awk '{print $1}' | grep -E "^$PREFIX[0-9]+$" 
 # on_host HOST: ON_HOST becomes the prefix that runs a command in HOST's network, hostname,
 # /etc/hosts and /tmp (daemons keep them). Run it as a simple command (so that `&` gives its PID)
 # with 9>&- (fd 9 is the lock, which daemons must not hold).
+# Shared folders under /tmp (the repo itself, when cloned there, and $KDSCALE_CLUSTER_SHARED, a
+# colon-separated list) are bound into the host's /tmp at the same path, so that hosts still see them.
 on_host() {
+  local share=() binds="" path
+  IFS=: read -r -a share <<<"$REPO:${KDSCALE_CLUSTER_SHARED:-}"
+  for path in "${share[@]}"; do
+    [[ -n $path ]] && path=$(realpath -m "$path") && [[ $path == /tmp/* ]] || continue
+    binds+="mkdir -p \"\$0/tmp${path#/tmp}\" && mount --bind $(printf %q "$path") \"\$0/tmp${path#/tmp}\" && "
+  done
   ON_HOST=(nsenter --net="/run/netns/$1" --uts="$STATE/uts/$1" -- unshare --mount --propagation slave --
-           /bin/sh -c 'mount --bind "$0/tmp" /tmp && mount --bind "$0/hosts" /etc/hosts && exec "$@"'
+           /bin/sh -c "$binds"'mount --rbind "$0/tmp" /tmp && mount --bind "$0/hosts" /etc/hosts && exec "$@"'
            "$STATE/$1")
 }
 
