@@ -63,6 +63,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def module_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory for a test module's shared fixtures, removed when the module's tests all passed
+    (as pytest.ini's retention policy removes a passed test's ``tmp_path``): the suite's disk use
+    peaks at one module's models and checkpoints, not at every module's."""
+    path = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real teacher fixture as a local Hugging Face directory (converted once)."""

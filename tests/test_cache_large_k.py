@@ -33,10 +33,10 @@ VOCAB = 49152
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> dict:
+def cached(module_tmp_path: Path, smollm2_dir: Path) -> dict:
     """One token shard (4 samples × 32 positions) cached at each support by the real writer,
     the decoded targets, and the teacher's exact log-probs ``[B, S, V]``."""
-    root = tmp_path_factory.mktemp("large_k")
+    root = module_tmp_path
     tokens_dir = make_tokens(root / "tokens", seq_len=32, shard_samples=4, source="stdlib:python/bisect.py")
     shard = load_tokens_manifest(tokens_dir).splits["train"].shards[0]
     token_path = tokens_dir / shard.name

@@ -82,9 +82,9 @@ def _actor_pids() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def slow_setup(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> tuple[Path, Path]:
+def slow_setup(module_tmp_path: Path, smollm2_dir: Path) -> tuple[Path, Path]:
     """Seven shards and a 4-layer teacher: each shard takes long enough for a kill to land in it."""
-    root = tmp_path_factory.mktemp("faults")
+    root = module_tmp_path
     tokens = make_tokens(root / "tokens", seq_len=64, shard_samples=8, source="stdlib:python/json/decoder.py")
     return tokens, make_tiny_teacher(root / "teacher", smollm2_dir, hidden=128, layers=4)
 

@@ -44,9 +44,10 @@ def stdlib_texts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def corpus(module_tmp_path: Path) -> dict[str, Path]:
     """The same documents as .jsonl (with runs of a repeated one), .parquet and .txt files."""
-    root = tmp_path_factory.mktemp("corpus")
+    root = module_tmp_path / "corpus"
+    root.mkdir()
     texts = stdlib_texts()
     docs = [d for i, text in enumerate(texts) for d in ([text] + [REPEATED] * 6 * (i % 3 == 0))]
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -84,9 +85,9 @@ def _args(corpus: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(corpus: dict[str, Path], module_tmp_path: Path) -> Path:
     """The token set written in this process (one worker, default units: one per input)."""
-    out = tmp_path_factory.mktemp("reference") / "tokens"
+    out = module_tmp_path / "reference"
     assert main(_args(corpus, out)) == 0
     return out
 

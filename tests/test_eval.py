@@ -28,8 +28,8 @@ SETS = [
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "run"
+def run_dir(module_tmp_path: Path, tiny_tokens_dir: Path) -> Path:
+    out = module_tmp_path / "run"
     args = ["train", "--tokens", str(tiny_tokens_dir), "--out", str(out), "--steps", "2"]
     assert main(args + sum((["--set", s] for s in SETS), [])) == 0
     return out

@@ -78,8 +78,8 @@ CASES = sorted(_cases(Path("/x"), Path("/x"), Path("/x"), Path("/x")))
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory, tiny_tokens_dir, tiny_teacher_dir, tiny_run_dir):
-    tmp = tmp_path_factory.mktemp("inputs")
+def cases(module_tmp_path, tiny_tokens_dir, tiny_teacher_dir, tiny_run_dir):
+    tmp = module_tmp_path
     _make_files(tmp, tiny_teacher_dir)
     return tmp, _cases(tmp, tiny_tokens_dir, tiny_teacher_dir, tiny_run_dir)
 

@@ -49,8 +49,8 @@ def _cache(tokens: Path, out: Path, teacher: Path, *sets: str) -> tuple[int, str
 
 
 @pytest.fixture(scope="module")
-def evil_run(tmp_path_factory, tiny_tokens_dir, tiny_teacher_dir):
-    root = tmp_path_factory.mktemp("evil")
+def evil_run(module_tmp_path, tiny_tokens_dir, tiny_teacher_dir):
+    root = module_tmp_path
     tokens, marker = root / "tokens", root / "executed"
     shutil.copytree(tiny_tokens_dir, tokens)
     last = tokens / load_tokens_manifest(tokens).splits["eval"].shards[-1].name

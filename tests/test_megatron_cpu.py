@@ -174,9 +174,9 @@ def _layouts_worker(rank: int, world_size: int, checkpoint: Path) -> dict[str, d
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(module_tmp_path: Path) -> dict[str, Any]:
     """The reference run (1 rank) and every 2-rank layout (one spawn for all of them)."""
-    checkpoint = tmp_path_factory.mktemp("megatron-cpu") / "initial"
+    checkpoint = module_tmp_path / "initial"
     checkpoint.mkdir()
     (reference,) = run_distributed(_reference_worker, world_size=1, args=(checkpoint,))
     layouts = run_distributed(_layouts_worker, world_size=2, args=(checkpoint,))

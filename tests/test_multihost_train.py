@@ -79,8 +79,8 @@ def _kill_ranks_after_first_save(cluster: LocalCluster, job_id: str, out: Path) 
 
 
 @pytest.fixture(scope="module")
-def runs(local_cluster: LocalCluster, tmp_path_factory, tiny_tokens_dir: Path, tiny_cache_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("multihost-train")
+def runs(local_cluster: LocalCluster, module_tmp_path, tiny_tokens_dir: Path, tiny_cache_dir: Path) -> Path:
+    root = module_tmp_path
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE | {"train": RECIPE["train"] | {
         "tokens": str(tiny_tokens_dir), "cache": str(tiny_cache_dir)}}))  # fmt: skip

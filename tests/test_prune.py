@@ -45,9 +45,9 @@ def _config(model: Path, tokens: Path, out: Path, *sets: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+def tiny_model(module_tmp_path: Path, tiny_teacher_dir: Path) -> Path:
     """The tiny teacher (2 layers, hidden 32, 4 heads in 2 groups, ffn 64) as a model directory."""
-    out = tmp_path_factory.mktemp("tiny") / "model"
+    out = module_tmp_path / "tiny"
     import_hf(tiny_teacher_dir, out)
     return out
 
@@ -156,8 +156,8 @@ def test_tp2_prune_equals_tp1(tiny_model: Path, tiny_tokens_dir: Path, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def smollm2_model(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("smollm2") / "model"
+def smollm2_model(module_tmp_path: Path, smollm2_dir: Path) -> Path:
+    out = module_tmp_path / "smollm2"
     import_hf(smollm2_dir, out)
     return out
 

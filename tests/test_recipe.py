@@ -147,9 +147,9 @@ def test_every_recipe_in_configs_passes_dry_run(tmp_path, capsys, path):
 
 
 @pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory, tiny_teacher_dir):
+def recipe_run(module_tmp_path, tiny_teacher_dir):
     """Run the tiny recipe twice: stopped by exit_interval during train, then to the end."""
-    tmp = tmp_path_factory.mktemp("recipe")
+    tmp = module_tmp_path
     recipe = _recipe(tmp, tiny_teacher_dir)
     outputs = []
     for extra in (["--set", "train.exit_interval=2"], []):

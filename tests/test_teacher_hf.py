@@ -38,8 +38,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("llama")
+def llama_dir(module_tmp_path: Path) -> Path:
+    path = module_tmp_path
     tiny_llama().save_pretrained(path)
     return path
 

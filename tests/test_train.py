@@ -83,9 +83,9 @@ def _two_ranks(rank: int, world_size: int, tokens: Path, cache: Path, root: Path
 
 @pytest.fixture(scope="module")
 def runs(
-    tmp_path_factory: pytest.TempPathFactory, tiny_tokens_dir: Path, tiny_cache_dir: Path
+    module_tmp_path: Path, tiny_tokens_dir: Path, tiny_cache_dir: Path
 ) -> Path:
-    root = tmp_path_factory.mktemp("train")
+    root = module_tmp_path
     run_distributed(_one_rank, world_size=1, args=(tiny_tokens_dir, tiny_cache_dir, root))
     for name in ("tp2", "pp2"):
         checkpoints = root / f"resume_{name}" / "checkpoints"

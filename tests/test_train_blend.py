@@ -211,8 +211,8 @@ def _blend_layouts(rank: int, world_size: int, sources: list[dict], init: Path, 
 
 
 @pytest.fixture(scope="module")
-def blend(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("blend")
+def blend(module_tmp_path: Path, tiny_teacher_dir: Path) -> Path:
+    root = module_tmp_path
     assert main(["run", str(_blend_recipe(root, tiny_teacher_dir, ["data", "cache"]))]) == 0
     init = root / "init"
     sources = _sources(root)

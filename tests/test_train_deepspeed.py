@@ -109,12 +109,12 @@ def _two_ranks(rank: int, world_size: int, tokens: Path, cache: Path, root: Path
 
 @pytest.fixture(scope="module")
 def runs(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_tmp_path: Path,
     tiny_tokens_dir: Path,
     tiny_cache_dir: Path,
     smollm2_dir: Path,
 ) -> Path:
-    root = tmp_path_factory.mktemp("train_ds")
+    root = module_tmp_path
     make_student(root / "student", smollm2_dir)
     run_distributed(_one_rank, world_size=1, args=(tiny_tokens_dir, tiny_cache_dir, root))
     run_distributed(_two_ranks, world_size=2, args=(tiny_tokens_dir, tiny_cache_dir, root))
