@@ -151,6 +151,23 @@ class Manifest(BaseModel):
             fsync_dir(root)
 
     @classmethod
+    def _check_format(cls, path: Path, found: Any) -> None:
+        """A manifest of another format version is refused before its fields are read, saying
+        whether an older or a newer kdscale wrote it."""
+        if found == cls.FORMAT:
+            return
+        name, _, version = cls.FORMAT.rpartition("/")
+        found_name, _, found_version = str(found).rpartition("/")
+        if found_name == name and found_version.isdigit() and int(found_version) < int(version):
+            raise KDScaleError(
+                f"{path}: written by an older kdscale (format {found!r}; this one reads {cls.FORMAT!r}); "
+                f"re-run `{cls.PRODUCER}` to rewrite it"
+            )
+        if found_name == name and found_version.isdigit():
+            raise KDScaleError(f"{path}: written by a newer kdscale (format {found!r}); upgrade kdscale to read it")
+        raise KDScaleError(f"{path}: format {found!r}, this kdscale reads {cls.FORMAT!r}")
+
+    @classmethod
     def load(cls: type[M], root: str | Path) -> M:
         """Read and validate ``root/manifest.json`` plus its commit log; a clear error if
         missing or damaged."""
@@ -158,13 +175,12 @@ class Manifest(BaseModel):
         if not path.is_file():
             raise KDScaleError(f"{root}: no {MANIFEST_NAME}; is this the output of `{cls.PRODUCER}`?")
         body = read_json(path, "manifest")
+        cls._check_format(path, body.get("format") if isinstance(body, dict) else None)
         try:
             stored = body.pop("fingerprint", None)
             manifest = cls.model_validate(body)
         except (ValidationError, AttributeError) as exc:
             raise KDScaleError(f"{path}: damaged manifest ({str(exc).splitlines()[0]})") from None
-        if manifest.format != cls.FORMAT:
-            raise KDScaleError(f"{path}: format {manifest.format!r}, this kdscale reads {cls.FORMAT!r}")
         if stored != manifest.fingerprint:
             raise KDScaleError(
                 f"{path}: fingerprint {'is missing' if stored is None else 'does not match its contents'}"

@@ -200,3 +200,23 @@ def test_complete_is_sealed_and_source_digest_is_not(tmp_path: Path) -> None:
     moved = tokens_manifest()
     moved.source_digest = "other inputs, same samples"
     assert moved.fingerprint == manifest.fingerprint  # provenance, like `inputs`: not identity
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_manifest_of_another_format_version_says_which_kdscale_wrote_it(tmp_path: Path, kind: str) -> None:
+    """A manifest written by an older kdscale is refused as older (re-run the stage), not as
+    damaged; a newer one asks for an upgrade."""
+    make, _, cls = KINDS[kind]
+    make().write(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    sealed = path.read_text()
+    name, version = cls.FORMAT.rsplit("/", 1)
+    path.write_text(sealed.replace(cls.FORMAT, f"{name}/{int(version) - 1}"))
+    with pytest.raises(KDScaleError, match=rf"written by an older kdscale .*re-run `{cls.PRODUCER}`"):
+        cls.load(tmp_path)
+    path.write_text(sealed.replace(cls.FORMAT, f"{name}/{int(version) + 1}"))
+    with pytest.raises(KDScaleError, match="written by a newer kdscale"):
+        cls.load(tmp_path)
+    path.write_text(sealed.replace(cls.FORMAT, "something-else"))
+    with pytest.raises(KDScaleError, match="format 'something-else', this kdscale reads"):
+        cls.load(tmp_path)

@@ -79,7 +79,7 @@ class CacheHeader(BaseModel):
 class CacheManifest(Manifest):
     """``manifest.json`` of a cache directory (see DESIGN.md "Cache shards")."""
 
-    FORMAT = "kdscale.cache/1"
+    FORMAT = "kdscale.cache/2"  # 2: sealed header, shard hosts (round 2)
     PRODUCER = "kdscale cache"
     UNSIGNED = frozenset({"tokens_dir"})  # where the tokens were; header.tokens_fingerprint says which
     format: str = FORMAT

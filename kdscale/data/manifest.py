@@ -40,7 +40,7 @@ class SplitRecord(BaseModel):
 class TokensManifest(Manifest):
     """``manifest.json`` of a token-shard directory (see DESIGN.md "Token shards")."""
 
-    FORMAT = "kdscale.tokens/1"
+    FORMAT = "kdscale.tokens/2"  # 2: sealed fields, sources and units (round 2)
     PRODUCER = "kdscale data"
     # Names, run statistics and provenance: the fingerprint is the token set's identity, so the
     # same samples from other input files or paths (``source_digest``) have the same fingerprint.
