@@ -9,6 +9,10 @@ Both comparisons are O(K log K) or better per position and O(K) in memory beyond
 own row block: KL and TV of the implied distribution are closed forms in the kept entries, the
 tail and row reductions of the teacher's block (no ``[rows, V]`` implied distribution is built),
 and :func:`support_kl` matches ids by sorting both supports (no ``[K, K]`` comparison).
+
+With a :class:`~kdscale.teacher.base.VocabShard` the teacher's block is one tensor rank's
+columns: the normalizer, the kept entries (each on exactly one rank) and the row sums over the
+rest are all-reduced over the shard's group, O(K) per position; the vocabulary is never gathered.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from kdscale.cache.targets import EMPTY_ID, SparseTargets
+from kdscale.teacher.base import VocabShard
 
 _ROW_BLOCK_ELEMENTS = 1 << 22
 
@@ -38,9 +44,10 @@ class PositionFidelity:
 
 
 def fidelity(
-    logits_SV: torch.Tensor, targets: SparseTargets, temperature: float
+    logits_SV: torch.Tensor, targets: SparseTargets, temperature: float, shard: VocabShard | None = None
 ) -> PositionFidelity:
-    """Compare targets ``[1, S, K]`` with the teacher's logits ``[S, V]`` for the same positions."""
+    """Compare targets ``[1, S, K]`` with the teacher's logits ``[S, V]`` for the same positions
+    (``[S, V/T]``, this rank's columns of ``shard``: collective over its group)."""
     if targets.shape[0] != 1 or targets.shape[1] != logits_SV.shape[0]:
         raise ValueError(
             f"fidelity: targets {tuple(targets.shape)} do not match logits {tuple(logits_SV.shape)}"
@@ -50,8 +57,9 @@ def fidelity(
     parts: list[tuple[torch.Tensor, ...]] = []
     for r0 in range(0, logits_SV.shape[0], rows):
         block = targets.narrow(1, r0, min(rows, logits_SV.shape[0] - r0))
-        logp = torch.log_softmax(logits_SV[r0 : r0 + rows].double() / temperature, dim=-1)
-        parts.append(_block_fidelity(logp, block))
+        x = logits_SV[r0 : r0 + rows].double() / temperature
+        logp = torch.log_softmax(x, dim=-1) if shard is None else _log_softmax_shard(x, shard)
+        parts.append(_block_fidelity(logp, block, shard))
     if not parts:
         empty = torch.zeros(0, dtype=torch.float64)
         return PositionFidelity(empty, empty.clone(), empty.clone())
@@ -59,8 +67,20 @@ def fidelity(
     return PositionFidelity(covered, kl, tv)
 
 
-def _block_fidelity(logp: torch.Tensor, targets: SparseTargets) -> tuple[torch.Tensor, ...]:
-    """Covered mass, KL and TV of one row block; ``logp`` float64 ``[rows, V]`` is overwritten.
+def _log_softmax_shard(x: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """log-softmax over the whole vocabulary of this rank's columns ``x`` (float64)."""
+    peak = x.max(-1, keepdim=True).values
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=shard.group)
+    total = (x - peak).exp().sum(-1, keepdim=True)
+    dist.all_reduce(total, group=shard.group)
+    return x - peak - total.log()
+
+
+def _block_fidelity(
+    logp: torch.Tensor, targets: SparseTargets, shard: VocabShard | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Covered mass, KL and TV of one row block; ``logp`` float64 ``[rows, V]`` (a shard's
+    columns ``[rows, V/T]``) is overwritten.
 
     With ``u`` the implied probability of each of the ``m = V - n`` ids outside the support
     (tail / m) and sums over them written as whole-row sums of the teacher's block with the
@@ -68,9 +88,14 @@ def _block_fidelity(logp: torch.Tensor, targets: SparseTargets) -> tuple[torch.T
     TV = (Σ_kept |p - q| + Σ_rest |p - u|) / 2.
     """
     ids, valid = targets.ids[0].to(logp.device), targets.valid[0].to(logp.device)
-    vocab = logp.shape[1]
+    width = logp.shape[1]
+    vocab = width if shard is None else shard.vocab
+    local = ids - (0 if shard is None else shard.offset)
+    mine = valid & (local >= 0) & (local < width)  # the kept ids among these columns
     q = targets.logp[0].double().to(logp.device)
-    p_kept = torch.where(valid, logp.gather(-1, ids.clamp(min=0)), -torch.inf)
+    p_kept = torch.where(mine, logp.gather(-1, local.clamp(0, width - 1)), -torch.inf)
+    if shard is not None:  # each kept id lives on exactly one rank
+        dist.all_reduce(p_kept, op=dist.ReduceOp.MAX, group=shard.group)
     kept_kl = torch.where(valid & (p_kept > -torch.inf), p_kept.exp() * (p_kept - q), 0.0).sum(-1)
     kept_tv = torch.where(valid, (p_kept.exp() - q.exp()).abs(), 0.0).sum(-1)
     covered = torch.where(valid, p_kept.exp(), 0.0).sum(-1)
@@ -79,17 +104,21 @@ def _block_fidelity(logp: torch.Tensor, targets: SparseTargets) -> tuple[torch.T
         rest > 0, targets.tail_logp[0].double().to(logp.device) - rest.double().log(), -torch.inf
     )
     probs = logp.exp()
-    if ids.shape[1]:  # zero the kept entries; empty slots write what is there already
-        slots = torch.where(valid, ids, ids.max(-1, keepdim=True).values.clamp(min=0))
-        keep = torch.where(valid.any(-1, keepdim=True), 0.0, probs.gather(-1, slots))
-        probs.scatter_(-1, slots, keep)
-    rest_mass = probs.sum(-1)
+    rows, cols = torch.nonzero(mine, as_tuple=True)
+    probs[rows, local[rows, cols]] = 0.0  # zero the kept entries
     logp.clamp_(min=torch.finfo(logp.dtype).min)  # p log p = 0 where p = 0 (no 0 * -inf)
-    rest_plogp = torch.bmm(probs[:, None, :], logp[:, :, None])
-    rest_kl = torch.where(rest_mass > 0, rest_plogp.flatten() - rest_mass * log_u, 0.0)
     # Σ_rest |p - u| = Σ_row |p' - u| - n u, where p' (the zeroed block) is 0 on the n kept ids.
     u = log_u.exp()
-    rest_tv = probs.sub_(u[:, None]).abs_().sum(-1) - (vocab - rest) * u
+    sums = torch.stack([
+        probs.sum(-1),
+        torch.bmm(probs[:, None, :], logp[:, :, None]).flatten(),
+        (probs - u[:, None]).abs_().sum(-1),
+    ])  # fmt: skip
+    if shard is not None:
+        dist.all_reduce(sums, group=shard.group)
+    rest_mass, rest_plogp, row_tv = sums
+    rest_kl = torch.where(rest_mass > 0, rest_plogp - rest_mass * log_u, 0.0)
+    rest_tv = row_tv - (vocab - rest) * u
     return covered.cpu(), (kept_kl + rest_kl).cpu(), (0.5 * (kept_tv + rest_tv)).cpu()
 
 

@@ -14,7 +14,9 @@ sample key and the absolute position, never on how the positions were chunked:
   ``-inf``), which needs no sort.
 
 Work proceeds in row blocks of at most ~4M vocabulary entries on the logits' device:
-probabilities in float32, their sums and the sampling CDF in float64.
+probabilities in float32, their sums and the sampling CDF in float64. A teacher whose
+vocabulary is split over tensor ranks is sparsified by :mod:`kdscale.cache.vocab_parallel`
+from the same pieces (:func:`top_targets`, :func:`drawn_targets`, :func:`sample_uniforms`).
 """
 
 from __future__ import annotations
@@ -107,6 +109,16 @@ def _top(
     values, ids = shifted.topk(width, dim=-1)
     kept = probs.gather(-1, ids).double()
     outside = probs.scatter_(-1, ids, 0.0).sum(-1).double()
+    return top_targets(values, ids, kept, outside, cfg)
+
+
+def top_targets(
+    values: torch.Tensor, ids: torch.Tensor, kept: torch.Tensor, outside: torch.Tensor, cfg: CodecConfig
+) -> SparseTargets:
+    """``topk``/``topp`` targets from the candidates ``[rows, width]`` in descending order:
+    ``values`` (logit - max), global ``ids``, their unnormalized probabilities ``kept``
+    (float64) and the summed mass of every other id ``outside`` (float64 ``[rows]``)."""
+    width = values.shape[1]
     total = outside + kept.sum(-1)
     n = torch.full((ids.shape[0], 1), width, device=ids.device)
     if cfg.kind == "topp":
@@ -149,7 +161,14 @@ def _sampled(probs: torch.Tensor, cfg: CodecConfig, key: str, start: int) -> Spa
     u = sample_uniforms(key, cfg.seed, np.arange(start, start + n_rows), draws)
     target = torch.from_numpy(u).to(cdf.device) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
-    drawn = drawn.sort(-1).values.cpu().numpy().ravel()
+    return drawn_targets(drawn)
+
+
+def drawn_targets(drawn_SN: torch.Tensor) -> SparseTargets:
+    """``sampled`` targets from the id of every draw ``[rows, N]``: the distinct ids per row with
+    ``logp = log(count / N)``, count descending, then id (a canonical order)."""
+    n_rows, draws = drawn_SN.shape
+    drawn = drawn_SN.sort(-1).values.cpu().numpy().ravel()
     first = np.ones(drawn.size, dtype=bool)
     first[1:] = drawn[1:] != drawn[:-1]
     first[::draws] = True  # every row starts a run

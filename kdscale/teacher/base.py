@@ -3,8 +3,11 @@
 A backend runs the model body once over ``[B, S]`` tokens and then applies the output layer
 and log-softmax to one block of ``chunk`` positions at a time, so peak memory holds a single
 ``[B, chunk, V]`` float32 block rather than ``[B, S, V]``. Two backends implement it: a Hugging
-Face causal LM (:mod:`kdscale.teacher.hf`) and a kdscale megatron-core checkpoint in one process
-at TP = PP = 1 (:mod:`kdscale.teacher.megatron`).
+Face causal LM (:mod:`kdscale.teacher.hf`) and a kdscale megatron-core checkpoint
+(:mod:`kdscale.teacher.megatron`), in one process or as one rank of a tensor × pipeline group.
+A rank of a tensor-parallel teacher yields only its vocabulary shard ``[B, chunk, V/T]`` (already
+normalized over the whole vocabulary) and describes it by a :class:`VocabShard`; a rank of an
+earlier pipeline stage yields nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +15,24 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from kdscale.errors import KDScaleError
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Which columns of the output distribution one tensor rank holds: ids ``offset ..
+    offset + V/size`` of ``vocab``; ``group`` is the tensor ranks' process group (the one the
+    sparsifier reduces over)."""
+
+    group: Any
+    size: int
+    offset: int
+    vocab: int
 
 
 @runtime_checkable
@@ -28,6 +44,16 @@ class Teacher(Protocol):
         """Width ``V`` of the output distribution (the output layer's rows)."""
         ...
 
+    @property
+    def vocab_shard(self) -> VocabShard | None:
+        """The vocabulary shard this rank's chunks hold; None when they hold all of ``V``."""
+        ...
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank encodes and writes cache shards (one rank of a teacher group)."""
+        ...
+
     def fingerprint(self) -> str:
         """Architecture plus a digest of the weights; equal fingerprints give equal outputs."""
         ...
@@ -37,7 +63,7 @@ class Teacher(Protocol):
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """For ``tokens`` int64 ``[B, S]``: ``(start, logp[B, c, V])`` float32 log-probs of the
         next token at positions ``start .. start + c`` (``c <= chunk``), in order, on CPU or
-        the teacher's device."""
+        the teacher's device (``[B, c, V/T]``, columns :attr:`vocab_shard`, on a tensor rank)."""
         ...
 
 

@@ -52,6 +52,16 @@ class HFTeacher:
         return int(self._head.weight.shape[0])
 
     @property
+    def vocab_shard(self) -> None:
+        """The whole vocabulary is in every chunk."""
+        return None
+
+    @property
+    def writes(self) -> bool:
+        """One process: it writes."""
+        return True
+
+    @property
     def device(self) -> torch.device:
         """Where the model's weights live."""
         return self._head.weight.device
