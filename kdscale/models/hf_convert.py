@@ -24,6 +24,8 @@ rotate halves (megatron's ``rotary_interleaved=False``, HF ``rotate_half``).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -161,35 +163,68 @@ def split_qkv(fused: torch.Tensor, model: ModelConfig) -> tuple[torch.Tensor, ..
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_LAYER_NAME = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def megatron_names(model: ModelConfig) -> list[str]:
+    """Every tensor name of the full megatron GPTModel (local spec, one stage) for ``model``."""
+    per_layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight",
+                 "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight",
+                 "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]  # fmt: skip
+    names = ["embedding.word_embeddings.weight"]
+    names += [_LAYER.format(i=i) + n for i in range(model.num_layers) for n in per_layer]
+    names.append("decoder.final_layernorm.weight")
+    return names + ([] if model.tie_embeddings else ["output_layer.weight"])
+
+
+def hf_names(model: ModelConfig) -> list[str]:
+    """Every tensor name of the HF Llama state dict :func:`hf_to_megatron` consumes."""
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
+                 *(f"self_attn.{n}_proj.weight" for n in "qkvo"),
+                 *(f"mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]  # fmt: skip
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [f"model.layers.{i}.{n}" for i in range(model.num_layers) for n in per_layer]
+    return names + ([] if model.tie_embeddings else ["lm_head.weight"])
+
+
+def megatron_tensor(name: str, read: Callable[[str], torch.Tensor], model: ModelConfig) -> torch.Tensor:
+    """One full megatron tensor (global layer numbering) made from the HF tensors ``read``
+    returns by name: what a streaming import converts one at a time. A tied model's
+    ``output_layer.weight`` (the copy a last pipeline stage holds) is the embedding."""
+    if name == "embedding.word_embeddings.weight" or (name == "output_layer.weight" and model.tie_embeddings):
+        return read("model.embed_tokens.weight")
+    if name == "decoder.final_layernorm.weight":
+        return read("model.norm.weight")
+    if name == "output_layer.weight":
+        return read("lm_head.weight")
+    match = _LAYER_NAME.fullmatch(name)
+    if match is None:
+        raise KDScaleError(f"megatron tensor {name!r} has no Hugging Face Llama counterpart")
+    hf, rest = f"model.layers.{match[1]}.", match[2]
+    if rest == "self_attention.linear_qkv.weight":
+        return fuse_qkv(*(read(f"{hf}self_attn.{n}_proj.weight") for n in "qkv"), model)
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([read(hf + "mlp.gate_proj.weight"), read(hf + "mlp.up_proj.weight")], dim=0)
+    if rest not in _HF_LAYER_NAMES:
+        raise KDScaleError(f"megatron tensor {name!r} has no Hugging Face Llama counterpart")
+    return read(hf + _HF_LAYER_NAMES[rest])
+
+
 def hf_to_megatron(
     hf_state: dict[str, torch.Tensor], model: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """The full megatron GPTModel state dict (local spec, TP=1) for an HF Llama state dict."""
     src = dict(hf_state)
-    out = {"embedding.word_embeddings.weight": _take(src, "model.embed_tokens.weight", "HF")}
-    for i in range(model.num_layers):
-        hf, mg = f"model.layers.{i}.", _LAYER.format(i=i)
-        q, k, v = (_take(src, f"{hf}self_attn.{n}_proj.weight", "HF") for n in "qkv")
-        out[mg + "input_layernorm.weight"] = _take(src, hf + "input_layernorm.weight", "HF")
-        out[mg + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, model)
-        out[mg + "self_attention.linear_proj.weight"] = _take(
-            src, hf + "self_attn.o_proj.weight", "HF"
-        )
-        out[mg + "pre_mlp_layernorm.weight"] = _take(
-            src, hf + "post_attention_layernorm.weight", "HF"
-        )
-        gate = _take(src, hf + "mlp.gate_proj.weight", "HF")
-        up = _take(src, hf + "mlp.up_proj.weight", "HF")
-        out[mg + "mlp.linear_fc1.weight"] = torch.cat([gate, up], dim=0)
-        out[mg + "mlp.linear_fc2.weight"] = _take(src, hf + "mlp.down_proj.weight", "HF")
-    out["decoder.final_layernorm.weight"] = _take(src, "model.norm.weight", "HF")
-    head = src.pop("lm_head.weight", None)
-    if not model.tie_embeddings:
-        if head is None:
-            raise KDScaleError(
-                "HF state dict has no 'lm_head.weight' but tie_word_embeddings=false"
-            )
-        out["output_layer.weight"] = head
+    if not model.tie_embeddings and "lm_head.weight" not in src:
+        raise KDScaleError("HF state dict has no 'lm_head.weight' but tie_word_embeddings=false")
+    out = {n: megatron_tensor(n, lambda key: _take(src, key, "HF"), model) for n in megatron_names(model)}
+    src.pop("lm_head.weight", None)
     src = {k: t for k, t in src.items() if not k.endswith("rotary_emb.inv_freq")}
     if src:
         raise KDScaleError(f"HF state dict has tensors a Llama model does not: {sorted(src)[:5]}")

@@ -11,6 +11,8 @@ nothing special: its rows are grouped per key/value head, and each rank holds wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -49,17 +51,23 @@ def gather_full_state(gpt: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state(gpt: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Copy this rank's slice of the unsharded ``full`` into ``gpt`` (every parameter must exist)."""
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
     params = _params(gpt)
     missing = sorted(set(params) - set(full))
     unexpected = sorted(set(full) - set(params))
     assert (
         not missing and not unexpected
     ), f"state mismatch: missing {missing[:3]}, extra {unexpected[:3]}"
+    load_tensors(gpt, full.__getitem__)
+
+
+def load_tensors(gpt: torch.nn.Module, full_tensor: Callable[[str], torch.Tensor]) -> None:
+    """Copy this rank's slice of each parameter's unsharded tensor into ``gpt``, asking
+    ``full_tensor(name)`` for one at a time (a streaming import holds one tensor, not the model)."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
-        for name, param in params.items():
-            tensor, dim = full[name], _split_dim(param)
+        for name, param in _params(gpt).items():
+            tensor, dim = full_tensor(name), _split_dim(param)
             if dim is not None and size > 1:
                 if name.endswith(_FC1):
                     gate, up = tensor.chunk(2, dim=0)
@@ -70,3 +78,4 @@ def load_full_state(gpt: torch.nn.Module, full: dict[str, torch.Tensor]) -> None
                 tensor.shape == param.shape
             ), f"{name}: {tuple(tensor.shape)} vs {tuple(param.shape)}"
             param.copy_(tensor)
+            del tensor
