@@ -2,13 +2,15 @@
 
     kdscale cache --tokens runs/tokens --out runs/cache --set cache.codec.kind=sampled
 
-Each actor loads the teacher once and takes one token shard at a time; the actors sit in one
-placement group spread over the cluster's nodes. The driver hands out shards, records each
-committed shard (and the host that wrote it) in the manifest and shows progress. Actors that die,
-alone or with their host, are restarted by Ray (elsewhere when the host is gone) and their shard
-is retried (``cache.ray.max_restarts``); a shard becomes visible only by an atomic rename of a
-complete file, so it is committed exactly once. A cluster address nobody answers at, or actors
-the cluster has no room for, are a one-line error after ``cache.ray.timeout_s``. Running
+Each teacher (``cache.ray.actors`` of them) is one Ray actor, or with
+``cache.teacher.tensor_parallel``/``pipeline_parallel`` a group of T×P actors on one node
+(:mod:`kdscale.cache.groups`); it loads once and takes one token shard at a time. The driver hands
+out shards, records each committed shard (and the host that wrote it) in the manifest and shows
+progress. A teacher one of whose actors dies, alone or with its host, is re-formed (elsewhere
+when the host is gone) and its shard retried (``cache.ray.max_restarts``); a shard becomes
+visible only by an atomic rename of a complete file, so it is committed exactly once. A cluster
+address nobody answers at, or teachers the cluster has no room for, are a one-line error after
+``cache.ray.timeout_s``; a group larger than any node is refused before anything starts. Running
 the same command again resumes: committed shards are skipped. A cache made with another
 codec, teacher, tokenizer or token set is refused unless ``cache.restart`` is set.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 
+from kdscale.cache.groups import TeacherGroup, close_groups, group_failed, place_groups, reform, start_groups
 from kdscale.cache.manifest import CacheHeader, CacheManifest, CacheShardRecord, load_cache_manifest
 from kdscale.cache.preflight import check_before_start
 from kdscale.cache.writer import ShardTask
@@ -45,29 +48,6 @@ from kdscale.progress import progress_bar
 from kdscale.tracking import start_tracking
 
 log = get_logger(__name__)
-
-
-class CacheWorker:
-    """A Ray actor: one teacher, many shards. (Wrapped with ``ray.remote`` at launch.)"""
-
-    def __init__(self, cache: dict[str, Any], num_threads: int):
-        import torch
-
-        from kdscale.teacher import build_teacher
-
-        torch.set_num_threads(max(1, num_threads))
-        self.cfg = CacheConfig.model_validate(cache)
-        self.teacher = build_teacher(self.cfg.teacher)
-
-    def describe(self) -> dict[str, Any]:
-        """The teacher's fingerprint and vocabulary, for the manifest header."""
-        return {"fingerprint": self.teacher.fingerprint(), "vocab_size": self.teacher.vocab_size}
-
-    def process(self, task: ShardTask) -> CacheShardRecord:
-        """Write one cache shard (atomically) and return its record."""
-        from kdscale.cache.writer import write_cache_shard
-
-        return write_cache_shard(task, self.teacher, self.cfg)
 
 
 @contextlib.contextmanager
@@ -122,27 +102,6 @@ def _check_reachable(address: str, timeout: float) -> None:
             f"cache.ray.address={address}: no Ray cluster answers there ({exc.strerror or exc}); "
             "start one (`ray start --head`) or fix the address"
         ) from None
-
-
-def _place_actors(cache: CacheConfig) -> Any:
-    """A placement group with one bundle per actor, spread over the nodes; a one-line error when
-    the cluster cannot hold them within ``cache.ray.timeout_s`` (e.g. a host never joined)."""
-    import ray
-    from ray.util.placement_group import placement_group
-
-    bundle = {"CPU": cache.ray.cpus_per_actor} | ({"GPU": cache.ray.gpus_per_actor} if cache.ray.gpus_per_actor else {})
-    group = placement_group([bundle] * cache.ray.actors, strategy="SPREAD")
-    try:
-        ray.get(group.ready(), timeout=cache.ray.timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        nodes = sum(node["Alive"] for node in ray.nodes())
-        cpus_gpus = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        raise KDScaleError(
-            f"cache.ray: {cache.ray.actors} actors of {bundle} found no room within {cache.ray.timeout_s:.0f} s "
-            f"on a cluster of {nodes} nodes with {cpus_gpus} (a host that never joined?); "
-            "lower cache.ray.actors or the resources per actor, or raise cache.ray.timeout_s"
-        ) from None
-    return group
 
 
 def _tasks(tokens: TokensManifest, cache: CacheConfig, out: Path) -> list[ShardTask]:
@@ -249,46 +208,24 @@ def run(cfg: KDScaleConfig) -> int:
     return 0
 
 
-def _actor_failure(exc: Exception, max_restarts: int) -> KDScaleError:
-    """One line for a teacher actor that could not start or died for good."""
-    text = str(exc)
-    found = [line.split("KDScaleError: ", 1)[1] for line in text.splitlines() if "KDScaleError: " in line]
-    if getattr(exc, "actor_init_failed", False):
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return KDScaleError(f"a teacher actor failed to start: {found[-1] if found else lines[-1]}")
-    return KDScaleError(
-        f"a teacher actor died and is out of restarts (cache.ray.max_restarts={max_restarts}); "
-        "committed shards are kept: run the same command again to resume"
-    )
-
-
 def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, existing: CacheManifest | None) -> None:
-    """Start the actors, settle the header, and write every shard not yet committed."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+    """Start the teachers, settle the header, and write every shard not yet committed."""
     cache = cfg.cache
-    remote = ray.remote(
-        num_cpus=cache.ray.cpus_per_actor,
-        num_gpus=cache.ray.gpus_per_actor,
-        max_restarts=cache.ray.max_restarts,
-        max_task_retries=cache.ray.max_restarts,
-    )(CacheWorker)
-    threads = max(1, int(cache.ray.cpus_per_actor))
-    group = _place_actors(cache)
-    actors = [
-        remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote(
-            cache.model_dump(mode="json"), threads
-        )
-        for i in range(cache.ray.actors)
-    ]
+    groups = place_groups(cache)
     try:
-        described = ray.get([a.describe.remote() for a in actors])
-    except ray.exceptions.RayActorError as exc:
-        raise _actor_failure(exc, cache.ray.max_restarts) from None
+        _cache_with_groups(cfg, groups, tokens, out, existing)
+    finally:
+        close_groups(groups)
+
+
+def _cache_with_groups(
+    cfg: KDScaleConfig, groups: list[TeacherGroup], tokens: TokensManifest, out: Path, existing: CacheManifest | None
+) -> None:
+    cache = cfg.cache
+    described = start_groups(groups, cache)
     teacher = described[0]
     if any(d != teacher for d in described[1:]):  # e.g. nodes that see different model files
-        raise KDScaleError(f"teacher_fingerprint: the {len(actors)} actors loaded different teachers: {described}")
+        raise KDScaleError(f"teacher_fingerprint: the {len(groups)} teachers loaded different models: {described}")
     if teacher["vocab_size"] < tokens.vocab_size:
         raise KDScaleError(
             f"vocab_size: teacher has {teacher['vocab_size']} logits, tokens use {tokens.vocab_size} ids"
@@ -303,50 +240,68 @@ def _cache_with_ray(cfg: KDScaleConfig, tokens: TokensManifest, out: Path, exist
     log.info("cache %s: %d shards to write, %d already committed", out, len(todo), len(manifest.shards))
     tracker = start_tracking(cfg.wandb, "cache", out, cfg.model_dump(mode="json") | {"cache_header": header.model_dump()})
     try:
-        _dispatch(actors, todo, manifest, out, tracker)
-    except ray.exceptions.RayActorError as exc:
-        raise _actor_failure(exc, cache.ray.max_restarts) from None
+        _dispatch(groups, todo, manifest, cache, tracker)
     finally:
         tracker.finish()
 
 
-def _dispatch(actors: list[Any], todo: list[ShardTask], manifest: CacheManifest, out: Path, tracker: Any) -> None:
-    """Keep every actor busy with one shard; record each shard as it commits."""
+def _dispatch(groups: list[TeacherGroup], todo: list[ShardTask], manifest: CacheManifest, cache: CacheConfig, tracker: Any) -> None:
+    """Keep every teacher busy with one shard; record each shard as it commits. A teacher one of
+    whose ranks died is re-formed and its shard retried (unless it was already committed)."""
     import ray
 
+    out = Path(cache.out)
     queue = deque(todo)
-    idle = list(actors)
-    inflight: dict[Any, tuple[Any, ShardTask]] = {}
+    idle = list(groups)
+    inflight: dict[Any, TeacherGroup] = {}
     start, tokens_done = time.perf_counter(), 0
     with progress_bar("caching", len(todo), "shard") as bar:
         while queue or inflight:
             while idle and queue:
-                actor, task = idle.pop(), queue.popleft()
-                inflight[actor.process.remote(task)] = (actor, task)
+                group = idle.pop()
+                inflight |= dict.fromkeys(group.submit(queue.popleft()), group)
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            actor, task = inflight.pop(ref)
+            group = inflight.pop(ref)
+            group.waiting.discard(ref)
             try:
-                record: CacheShardRecord = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, KDScaleError):
-                    raise KDScaleError(str(cause).splitlines()[-1]) from None
-                if isinstance(cause, OSError):  # e.g. a full disk, raised in the actor
-                    raise KDScaleError(f"{task.out_path}: {describe_failure(cause)[0]}") from None
-                raise
-            manifest.commit_shard(out, record)  # the commit point a resumed run trusts
-            idle.append(actor)
-            tokens_done += record.tokens
-            rate = tokens_done / max(time.perf_counter() - start, 1e-9)
-            bar.update(1, tokens=record.tokens)
-            tracker.log(
-                {
-                    "cache/tokens_per_s": rate,
-                    "cache/shards_committed": len(manifest.shards),
-                    "cache/covered_mass_mean": record.fidelity.covered_mass_mean,
-                    "cache/kl_mean": record.fidelity.kl_mean,
-                    "cache/bytes_per_token": record.bytes / max(record.tokens, 1),
-                }
-            )
+                record: CacheShardRecord | None = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                if not group_failed(exc, group):
+                    raise _task_error(exc, group.task) from None
+                for other in group.waiting:
+                    inflight.pop(other, None)
+                if group.record is None:
+                    queue.appendleft(group.task)
+                reform(group, exc, cache)
+                idle.append(group)
+                continue
+            if record is not None:
+                manifest.commit_shard(out, record)  # the commit point a resumed run trusts
+                group.record = record
+                tokens_done += record.tokens
+                rate = tokens_done / max(time.perf_counter() - start, 1e-9)
+                bar.update(1, tokens=record.tokens)
+                tracker.log(
+                    {
+                        "cache/tokens_per_s": rate,
+                        "cache/shards_committed": len(manifest.shards),
+                        "cache/covered_mass_mean": record.fidelity.covered_mass_mean,
+                        "cache/kl_mean": record.fidelity.kl_mean,
+                        "cache/bytes_per_token": record.bytes / max(record.tokens, 1),
+                    }
+                )
+            if not group.waiting:
+                idle.append(group)
     manifest.write(out)  # fold the commit log into manifest.json
     log.info("cache %s: %d shards committed (%.0f tokens/s)", out, len(manifest.shards), tokens_done / max(time.perf_counter() - start, 1e-9))
+
+
+def _task_error(exc: Exception, task: ShardTask | None) -> Exception:
+    """A teacher's own error on a shard as one line (a KDScaleError, or an OSError such as a full
+    disk, raised in the actor); anything else as it came."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, KDScaleError):
+        return KDScaleError(str(cause).splitlines()[-1])
+    if isinstance(cause, OSError) and task is not None:
+        return KDScaleError(f"{task.out_path}: {describe_failure(cause)[0]}")
+    return exc

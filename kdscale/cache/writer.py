@@ -5,6 +5,11 @@ cache shard is a webdataset tar with the same keys as its token shard. The teach
 calling thread while a background thread encodes and writes the previous sample, so encoding
 overlaps the teacher. The file appears under its final name only once complete (temp name →
 fsync → rename); a killed writer leaves a hidden ``.*.tmp`` file that the runner removes.
+
+Every rank of a teacher group runs :func:`write_cache_shard` on the same task: the ranks holding
+logits sparsify their vocabulary shards together (:mod:`kdscale.cache.vocab_parallel`), earlier
+pipeline stages only run their layers, and the one rank that :attr:`~kdscale.teacher.base.Teacher.writes`
+encodes and commits the file; the others return None.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from kdscale.cache.fidelity import fidelity, support_kl
 from kdscale.cache.manifest import CacheShardRecord, Fidelity
 from kdscale.cache.sparsify import concat_positions, sparsify
 from kdscale.cache.targets import SparseTargets
+from kdscale.cache.vocab_parallel import sparsify_shard
 from kdscale.config.cache import CacheConfig
 from kdscale.data.shards import iter_token_shard
 from kdscale.errors import KDScaleError
 from kdscale.io import atomic_open, sha256_file
-from kdscale.teacher.base import Teacher
+from kdscale.teacher.base import Teacher, VocabShard
 
 QUANT_CHECK_EVERY = 8  # every 8th member is decoded again to measure the quantization error
 
@@ -56,12 +62,16 @@ class _FidelityStats:
         self.support: list[torch.Tensor] = []
         self.quant_kl: list[torch.Tensor] = []
 
-    def add_probes(self, logp_SV: torch.Tensor, targets: SparseTargets, rows: torch.Tensor, temperature: float) -> None:
-        """Compare the kept targets at ``rows`` with the full teacher distribution."""
+    def add_probes(
+        self, logp_SV: torch.Tensor, targets: SparseTargets, rows: torch.Tensor, temperature: float,
+        shard: VocabShard | None,
+    ) -> None:  # fmt: skip
+        """Compare the kept targets at ``rows`` with the full teacher distribution (its
+        ``shard`` columns on a tensor rank: collective)."""
         if rows.numel() == 0:
             return
         probe = SparseTargets(targets.ids[:, rows], targets.logp[:, rows], targets.tail_logp[:, rows], targets.kind)
-        stats = fidelity(logp_SV[rows], probe, temperature)
+        stats = fidelity(logp_SV[rows], probe, temperature, shard)
         self.covered.append(stats.covered_mass)
         self.kl.append(stats.kl)
         self.tv.append(stats.tv)
@@ -92,16 +102,28 @@ def _batch_targets(
     teacher: Teacher, inputs: torch.Tensor, keys: list[str], cfg: CacheConfig, stats: _FidelityStats
 ) -> list[SparseTargets]:
     """Sparse targets of every row, sparsifying each teacher chunk as it arrives (one
-    ``[B, chunk, V]`` block alive at a time), with probe fidelity."""
+    ``[B, chunk, V]`` block alive at a time), with probe fidelity; none on a pipeline stage
+    before the last."""
     parts: list[list[SparseTargets]] = [[] for _ in keys]
+    shard = teacher.vocab_shard
     for start, logp in teacher.logits_chunks(inputs, cfg.teacher.chunk):
         positions = torch.arange(start, start + logp.shape[1])
         probes = torch.nonzero(positions % cfg.probe_every == 0).flatten()
         for row, key in enumerate(keys):
-            part = sparsify(logp[row], cfg.codec, key, start)
-            stats.add_probes(logp[row], part, probes, cfg.codec.temperature)
+            if shard is None:
+                part = sparsify(logp[row], cfg.codec, key, start)
+            else:
+                part = sparsify_shard(logp[row], cfg.codec, shard, key, start)
+            stats.add_probes(logp[row], part, probes, cfg.codec.temperature, shard)
             parts[row].append(part)
-    return [concat_positions(p) for p in parts]
+    return [concat_positions(p) for p in parts if p]
+
+
+def _batches(samples: list[tuple[str, np.ndarray]], batch_size: int) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
+    """``(first index, inputs [B, S], keys)`` of consecutive samples."""
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin : begin + batch_size]
+        yield begin, torch.from_numpy(np.stack([t[:-1] for _, t in batch]).astype(np.int64)), [k for k, _ in batch]
 
 
 @contextlib.contextmanager
@@ -115,13 +137,18 @@ def _closed_quietly(tar: wds.TarWriter) -> Iterator[wds.TarWriter]:
             tar.close()
 
 
-def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> CacheShardRecord:
-    """Score every sample of ``task``'s token shard and commit its cache shard atomically."""
+def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> CacheShardRecord | None:
+    """Score every sample of ``task``'s token shard and commit its cache shard atomically; on a
+    rank of a teacher group that does not write, take part and return None."""
     samples = list(iter_token_shard(task.token_path, sha256=task.token_sha256))
     if len(samples) != task.samples:
         raise KDScaleError(f"{task.token_path}: {len(samples)} samples, the manifest says {task.samples}")
     vocab = teacher.vocab_size
     stats = _FidelityStats()
+    if not teacher.writes:  # this rank's share of the group's forward passes and collectives
+        for _, inputs, keys in _batches(samples, cfg.batch_size):
+            _batch_targets(teacher, inputs, keys, cfg, stats)
+        return None
     out = Path(task.out_path)
     with atomic_open(out) as handle, _closed_quietly(wds.TarWriter(handle, mtime=0.0)) as tar, \
             ThreadPoolExecutor(max_workers=1) as encoder:
@@ -133,10 +160,7 @@ def write_cache_shard(task: ShardTask, teacher: Teacher, cfg: CacheConfig) -> Ca
                 stats.add_quantization(targets, decode(blob, cfg.codec, vocab))
             tar.write({"__key__": key, TARGETS_MEMBER: blob})
 
-        for begin in range(0, len(samples), cfg.batch_size):
-            batch = samples[begin : begin + cfg.batch_size]
-            inputs = torch.from_numpy(np.stack([t[:-1] for _, t in batch]).astype(np.int64))
-            keys = [key for key, _ in batch]
+        for begin, inputs, keys in _batches(samples, cfg.batch_size):
             for row, (key, targets) in enumerate(zip(keys, _batch_targets(teacher, inputs, keys, cfg, stats))):
                 if pending is not None:
                     pending.result()  # keeps members in order; re-raises encoder errors

@@ -120,6 +120,30 @@ class TeacherConfig(Section):
         description="Positions per output-layer block: peak memory holds one [batch, chunk, "
         "vocab] float32 block instead of [batch, seq, vocab].",
     )
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="backend megatron: tensor-parallel size T of each teacher group (T x P Ray "
+        "actors on one node); logits stay vocab-sharded and are sparsified vocab-parallel.",
+    )
+    pipeline_parallel: int = Field(
+        1, ge=1, description="backend megatron: pipeline-parallel size P of each teacher group."
+    )
+
+    @model_validator(mode="after")
+    def _group_needs_megatron(self) -> "TeacherConfig":
+        if self.backend != "megatron" and self.tensor_parallel * self.pipeline_parallel > 1:
+            raise InvalidKey(
+                "tensor_parallel" if self.tensor_parallel > 1 else "pipeline_parallel",
+                self.tensor_parallel if self.tensor_parallel > 1 else self.pipeline_parallel,
+                f"a teacher group needs cache.teacher.backend=megatron (got {self.backend})",
+            )
+        return self
+
+    @property
+    def group_size(self) -> int:
+        """Ranks (Ray actors) per teacher: tensor x pipeline."""
+        return self.tensor_parallel * self.pipeline_parallel
 
 
 class RayConfig(Section):
@@ -129,11 +153,17 @@ class RayConfig(Section):
         None, description="Attach to this Ray cluster (e.g. 'auto' or 'ray://head:10001'); "
         "None starts a local instance for the run."
     )
-    actors: int = Field(1, ge=1, description="Teacher actors (one teacher each).")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch threads).")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    actors: int = Field(
+        1, ge=1, description="Teachers: groups of cache.teacher.tensor_parallel x pipeline_parallel "
+        "actors (one actor each at the default 1 x 1)."
+    )
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs reserved per actor, i.e. per teacher rank (also its torch threads)."
+    )
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs reserved per actor (per teacher rank).")
     max_restarts: int = Field(
-        3, ge=-1, description="Times Ray restarts a dead actor and retries its shard (-1: forever)."
+        3, ge=-1, description="Times a teacher whose actor died is re-created (a group re-formed "
+        "whole) and its shard retried (-1: forever)."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all).")
     timeout_s: float = Field(

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdscale.config.cache import TeacherConfig
-from kdscale.teacher.base import Teacher, check_tokens
+from kdscale.teacher.base import Teacher, VocabShard, check_tokens
 
 
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     """The teacher ``cfg`` names: an HF directory or fixture (``hf``) or a kdscale checkpoint
-    (``megatron``, built at the checkpoint's own precision)."""
+    (``megatron``, built at the checkpoint's own precision; with ``tensor_parallel`` or
+    ``pipeline_parallel`` > 1 this process is one rank of the group its environment names)."""
     if cfg.backend == "megatron":
         from kdscale.teacher.megatron import MegatronTeacher
 
-        return MegatronTeacher(cfg.model, device=cfg.device)
+        return MegatronTeacher(
+            cfg.model, device=cfg.device, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_parallel
+        )
     from kdscale.hub import resolve_model_dir
     from kdscale.teacher.hf import HFTeacher
 
@@ -30,4 +33,4 @@ def teacher_tokenizer(cfg: TeacherConfig) -> str:
     return cfg.model
 
 
-__all__ = ["Teacher", "TeacherConfig", "build_teacher", "check_tokens", "teacher_tokenizer"]
+__all__ = ["Teacher", "TeacherConfig", "VocabShard", "build_teacher", "check_tokens", "teacher_tokenizer"]
