@@ -118,8 +118,9 @@ def wire(cfg: KDScaleConfig) -> KDScaleConfig:
     fill("prune.out", str(root / "pruned"))
     fill("cache.tokens", data_out)
     fill("cache.out", str(root / "cache"))
-    if recipe.teacher and default(cfg.cache.teacher, "model"):
-        tree["cache"]["teacher"]["model"] = recipe.teacher
+    if recipe.teacher and default(cfg.cache.teacher, "model"):  # megatron: the teacher stage's import
+        imported = cfg.cache.teacher.backend == "megatron" and "teacher" in stages
+        tree["cache"]["teacher"]["model"] = str(root / "teacher") if imported else recipe.teacher
     if recipe.sources and not cfg.train.sources:
         cache_out = tree["cache"]["out"]
         tree["train"]["sources"] = [

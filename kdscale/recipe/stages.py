@@ -61,7 +61,10 @@ def _run_teacher(cfg: KDScaleConfig) -> None:
     from kdscale.models.hf_io import import_hf
     from kdscale.hub import resolve_model_dir
 
-    import_hf(resolve_model_dir(cfg.recipe.teacher), teacher_dir(cfg), overwrite=True)
+    teacher = cfg.cache.teacher  # a megatron teacher group loads the layout it runs at
+    layout = (teacher.tensor_parallel, teacher.pipeline_parallel) if teacher.backend == "megatron" else (1, 1)
+    import_hf(resolve_model_dir(cfg.recipe.teacher), teacher_dir(cfg), overwrite=True,
+              tensor=layout[0], pipeline=layout[1])  # fmt: skip
 
 
 def _run_prune(cfg: KDScaleConfig) -> None:
