@@ -27,6 +27,7 @@ from kdscale.config import load_config
 from kdscale.data.manifest import load_tokens_manifest
 from kdscale.data.shards import iter_token_shard
 from kdscale.data.tarindex import ShardFiles, index_shard
+from kdscale.errors import KDScaleError
 
 CODECS = {"topk": (), "sampled": ("cache.codec.kind=sampled", "cache.codec.draws=64")}
 TP2, PP2 = "cache.teacher.tensor_parallel=2", "cache.teacher.pipeline_parallel=2"
@@ -254,3 +255,12 @@ def test_import_hf_at_a_layout_holds_the_same_weights(references, teacher_dir, t
         assert teacher.fingerprint() == want
     finally:
         teacher.close()
+
+
+@pytest.mark.parametrize("key", ["tensor_parallel", "pipeline_parallel"])
+def test_a_teacher_group_needs_the_megatron_backend(key: str) -> None:
+    with pytest.raises(KDScaleError) as refused:
+        load_config(None, [f"cache.teacher.{key}=2"])
+    assert str(refused.value) == (
+        f"config error: cache.teacher.{key}=2: a teacher group needs cache.teacher.backend=megatron (got hf)"
+    )
