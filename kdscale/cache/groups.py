@@ -240,7 +240,7 @@ def _start(group: TeacherGroup, cache: CacheConfig, refs: list[Any] | None = Non
 
     while True:
         try:
-            described = ray.get(refs or _launch(group, cache))
+            described = _get_fail_fast(refs or _launch(group, cache))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             if getattr(exc, "actor_init_failed", False) or not group_failed(exc, group):
                 group.kill()
@@ -251,6 +251,18 @@ def _start(group: TeacherGroup, cache: CacheConfig, refs: list[Any] | None = Non
         if any(d != described[0] for d in described[1:]):
             raise KDScaleError(f"teacher_fingerprint: the ranks of teacher {group.index} disagree: {described}")
         return described[0]
+
+
+def _get_fail_fast(refs: list[Any]) -> list[Any]:
+    """``ray.get(refs)``, raising the first error as soon as it arrives (a rank that failed to
+    load would otherwise leave the driver waiting on a peer stuck in the rendezvous)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
 
 
 def start_groups(groups: list[TeacherGroup], cache: CacheConfig) -> list[dict[str, Any]]:
