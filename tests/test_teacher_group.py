@@ -35,8 +35,10 @@ BASE = ("cache.teacher.backend=megatron", "cache.splits=[eval]", "wandb.enabled=
 
 
 @pytest.fixture(scope="module")
-def hook_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kill-hook")
+def hook_dir(module_tmp_path: Path) -> Path:
+    path = module_tmp_path / "kill-hook"
+    path.mkdir()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -59,38 +61,38 @@ def local_ray(hook_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+def teacher_dir(module_tmp_path: Path, tiny_teacher_dir: Path) -> Path:
     from kdscale.models.hf_io import import_hf
 
-    out = tmp_path_factory.mktemp("group-teacher") / "teacher"
+    out = module_tmp_path / "teacher"
     import_hf(tiny_teacher_dir, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def teacher_dir_tp2(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+def teacher_dir_tp2(module_tmp_path: Path, tiny_teacher_dir: Path) -> Path:
     """The same teacher imported at the layout of a TP = 2 group (two spawned ranks): the TP = 2
     groups below load it as is."""
 
-    out = tmp_path_factory.mktemp("group-teacher") / "teacher-tp2"
+    out = module_tmp_path / "teacher-tp2"
     assert main(["import-hf", str(tiny_teacher_dir), str(out), "--tensor-parallel", "2"]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, tiny_tokens_dir: Path, teacher_dir: Path):
+def references(module_tmp_path: Path, tiny_tokens_dir: Path, teacher_dir: Path):
     """``kind → (dir, {shard: record})``: TP = 1 caches of the eval split for every codec,
     written in this process (no Ray); ``"teacher"`` → that TP = 1 teacher."""
     from kdscale.teacher import build_teacher
 
-    root = tmp_path_factory.mktemp("reference")
+    root = module_tmp_path / "reference"
     tokens = load_tokens_manifest(tiny_tokens_dir)
     teacher = build_teacher(_config(teacher_dir).teacher)
     out = {}
     try:
         for kind, sets in CODECS.items():
             cfg, records = _config(teacher_dir, *sets), {}
-            (root / kind).mkdir()
+            (root / kind).mkdir(parents=True)
             for shard in tokens.splits["eval"].shards:
                 task = ShardTask("eval", str(tiny_tokens_dir / shard.name), shard.sha256,
                                  str(root / kind / shard.name), shard.samples, tokens.seq_len)  # fmt: skip
@@ -125,14 +127,14 @@ def _decoded(cache: Path, *sets: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def group_caches(local_ray, tmp_path_factory, tiny_tokens_dir: Path, teacher_dir: Path, teacher_dir_tp2: Path):
+def group_caches(local_ray, module_tmp_path: Path, tiny_tokens_dir: Path, teacher_dir: Path, teacher_dir_tp2: Path):
     """``(layout, kind) → cache dir`` made by `kdscale cache` with a teacher group, once each
     (TP = 2 groups load the checkpoint written at TP = 2)."""
     made: dict[tuple[str, str], Path] = {}
 
     def get(layout: str, kind: str) -> Path:
         if (layout, kind) not in made:
-            out = tmp_path_factory.mktemp("group") / f"{layout}-{kind}"
+            out = module_tmp_path / "groups" / f"{layout}-{kind}"
             teacher = teacher_dir_tp2 if layout == TP2 else teacher_dir
             status, err = _cache(tiny_tokens_dir, out, teacher, layout, *CODECS[kind])
             assert status == 0, err[-3000:]
