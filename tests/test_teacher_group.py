@@ -266,3 +266,23 @@ def test_a_teacher_group_needs_the_megatron_backend(key: str) -> None:
     assert str(refused.value) == (
         f"config error: cache.teacher.{key}=2: a teacher group needs cache.teacher.backend=megatron (got hf)"
     )
+
+
+def test_a_megatron_teacher_runs_in_the_configured_dtype(references, teacher_dir) -> None:
+    """``cache.teacher.dtype=bfloat16`` holds the weights in bf16 (half the memory of a rank) and
+    still yields float32 log-probs close to the float32 teacher's."""
+    from kdscale.teacher import build_teacher
+
+    references["teacher"].close()  # one megatron parallel state per process
+    tokens = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(3))
+    logp = {}
+    for dtype in ("float32", "bfloat16"):
+        teacher = build_teacher(_config(teacher_dir, f"cache.teacher.dtype={dtype}").teacher)
+        try:
+            assert {p.dtype for p in teacher.gpt.parameters()} == {getattr(torch, dtype)}
+            logp[dtype] = torch.cat([lp for _, lp in teacher.logits_chunks(tokens, 8)], dim=1)
+        finally:
+            teacher.close()
+    assert logp["bfloat16"].dtype == torch.float32
+    probs = logp["float32"].exp()
+    assert float((probs - logp["bfloat16"].exp()).abs().sum(-1).max()) < 0.05  # total variation × 2

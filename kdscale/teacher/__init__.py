@@ -16,8 +16,9 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
         from kdscale.teacher.megatron import MegatronTeacher
 
         return MegatronTeacher(
-            cfg.model, device=cfg.device, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_parallel
-        )
+            cfg.model, device=cfg.device, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_parallel,
+            dtype=cfg.dtype,
+        )  # fmt: skip
     from kdscale.hub import resolve_model_dir
     from kdscale.teacher.hf import HFTeacher
 

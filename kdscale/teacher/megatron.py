@@ -33,7 +33,12 @@ class MegatronTeacher:
     process's rank of a ``tensor × pipeline`` layout)."""
 
     def __init__(
-        self, checkpoint: str | Path, device: str = "cpu", tensor: int = 1, pipeline: int = 1
+        self,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        tensor: int = 1,
+        pipeline: int = 1,
+        dtype: str = "float32",
     ) -> None:
         from megatron.core import parallel_state
 
@@ -66,7 +71,7 @@ class MegatronTeacher:
             returns="hidden",
         )  # fmt: skip
         load_weights(ckpt, [gpt])
-        self.gpt = gpt.to(device).eval().requires_grad_(False)
+        self.gpt = gpt.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
         self._fingerprint: str | None = None
 
     @property
