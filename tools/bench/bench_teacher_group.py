@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import sys
@@ -61,6 +60,13 @@ def _teacher(root: Path, hidden: int, layers: int) -> Path:
     return root / "teacher"
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM: ru_maxrss would carry the parent's peak across the
+    spawn's exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
 def _rank(rank: int, size: int, port: int, threads: int, teacher: str, tokens: str, sets: list, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(size), LOCAL_RANK=str(rank))  # fmt: skip
@@ -89,7 +95,7 @@ def _rank(rank: int, size: int, port: int, threads: int, teacher: str, tokens: s
     result = {
         "rank": rank,
         "tokens_per_s": sum(t.samples for t in tasks[1:]) * manifest.seq_len / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.gpt.parameters()),
         "bytes_per_position": bytes_per_position(cfg.codec, model.vocab_size) if size > 1 else 0,
     }
